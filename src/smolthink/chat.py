@@ -1,0 +1,70 @@
+"""The think/answer protocol: system prompt, prompt rendering with the chat template, answer extraction and
+the strict format check."""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+SYSTEM_PROMPT = (
+    "You are a careful reasoner. First think about the question step by step inside <think> </think> tags, "
+    "then give only the final answer inside <answer> </answer> tags, like this:\n"
+    "<think> your reasoning </think> <answer> your answer </answer>\n"
+    "Your answer is scored by extracting the text between the answer tags, so put nothing else there. "
+    "Do not write code."
+)
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Exactly one think block then one answer block, nothing but whitespace around or between them, and no stray tags
+# inside either block.
+_FORMAT_RE = re.compile(
+    r"\A\s*<think>((?:(?!</?think>|</?answer>).)*)</think>\s*<answer>((?:(?!</?think>|</?answer>).)*)</answer>\s*\Z",
+    re.DOTALL,
+)
+
+
+def extract_answer(completion: str) -> str | None:
+    """Return the stripped text of the last <answer>...</answer> block, or None when there is none."""
+    found = _ANSWER_RE.findall(completion)
+    return found[-1].strip() if found else None
+
+
+def format_ok(completion: str, prefill: str = "") -> bool:
+    """Strict format check: `<think> ... </think> <answer> ... </answer>` and nothing else but whitespace.
+
+    `prefill` is text the chat template already put at the start of the assistant turn (for example "<think>\\n"
+    in templates that open the think block themselves); it is prepended so such completions are not penalised.
+    Both blocks must be non-empty.
+    """
+    m = _FORMAT_RE.match(prefill + completion)
+    return bool(m) and bool(m.group(1).strip()) and bool(m.group(2).strip())
+
+
+def build_messages(
+    question: str,
+    system_prompt: str | None = SYSTEM_PROMPT,
+    few_shot: Sequence[tuple[str, str]] = (),
+) -> list[dict[str, str]]:
+    """Chat messages for one question: system prompt, optional few-shot (question, completion) pairs, question."""
+    messages: list[dict[str, str]] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    for q, a in few_shot:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat-templated prompt, ending with the assistant turn's opening (generation prompt)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def template_prefill(tokenizer: Any) -> str:
+    """Text a chat template writes after the generation prompt opening, e.g. "<think>\\n" for templates that
+    pre-fill the think block; "" for SmolLM2. Found by rendering a probe conversation."""
+    probe = [{"role": "user", "content": "x"}]
+    text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    # A template that opens <think> leaves it as the last non-empty piece of the generation prompt.
+    stripped = text.rstrip()
+    return "<think>\n" if stripped.endswith("<think>") else ""

@@ -1,0 +1,38 @@
+"""The small interface every rollout engine implements."""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from ..types import Rollout, SamplingParams
+
+
+class Engine(Protocol):
+    """Generates `n` completions for each prompt with the *current* weights of `model`.
+
+    `model` is passed on every call because the policy changes between rollout phases (an engine may cache
+    whatever it derives from the weights, but must refresh it when they change). The result is indexed
+    [prompt][sample]; each Rollout carries exactly the tokens the trainer will score.
+    """
+
+    def generate(
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[list[int]],
+        n: int,
+        sampling: SamplingParams,
+        seed: int | None = None,
+    ) -> list[list[Rollout]]: ...
+
+
+def split_completion(tokens: list[int], eos_ids: set[int], max_new_tokens: int) -> tuple[list[int], str]:
+    """Cut generated tokens at the first EOS (kept) -> (completion_ids, finish_reason).
+
+    Padding after EOS (SmolLM2 pads with its EOS id) is dropped because only the first EOS counts; a row that
+    never emits EOS was cut at max_new_tokens.
+    """
+    for i, t in enumerate(tokens[:max_new_tokens]):
+        if t in eos_ids:
+            return tokens[: i + 1], "stop"
+    return tokens[:max_new_tokens], "length"
