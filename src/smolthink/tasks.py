@@ -1,0 +1,190 @@
+"""reasoning-gym tasks: datasets and weighted mixtures, provably disjoint train/eval splits, answer balancing,
+and strict correctness scoring on top of the task's own (sandboxed) scorer."""
+from __future__ import annotations
+
+import difflib
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from .errors import SmolthinkError
+from .types import Example
+
+# Gold answers that are case-insensitive by nature: "yes" answers "Yes".
+CASE_FREE_ANSWERS = {"yes", "no", "true", "false", "valid", "invalid"}
+# A train split is drawn from this seed offset; eval from the base seed. Questions are deduplicated anyway.
+TRAIN_SEED_OFFSET = 1_000_003
+
+
+@dataclass
+class TaskSpec:
+    """One reasoning-gym dataset, its generator kwargs and its weight in a mixture."""
+
+    name: str
+    weight: float = 1.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def available_tasks() -> list[str]:
+    """Names of all registered reasoning-gym datasets."""
+    from reasoning_gym.factory import DATASETS
+
+    return sorted(DATASETS)
+
+
+def parse_tasks(value: str | Sequence[Any]) -> list[TaskSpec]:
+    """Accept "syllogism", "syllogism:2,propositional_logic:1", or a list of names / dicts
+    {name, weight, config}; check every name exists (with a close-match suggestion)."""
+    items: list[Any]
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    else:
+        items = list(value)
+    specs = []
+    for item in items:
+        if isinstance(item, TaskSpec):
+            spec = item
+        elif isinstance(item, dict):
+            unknown = set(item) - {"name", "weight", "config"}
+            if unknown or "name" not in item:
+                raise SmolthinkError(f"task entries take name, weight, config; got {sorted(item)}")
+            spec = TaskSpec(item["name"], float(item.get("weight", 1.0)), dict(item.get("config") or {}))
+        else:
+            name, _, w = str(item).partition(":")
+            spec = TaskSpec(name.strip(), float(w) if w else 1.0)
+        known = available_tasks()
+        if spec.name not in known:
+            close = difflib.get_close_matches(spec.name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else " (see `smolthink tasks`)"
+            raise SmolthinkError(f"unknown task '{spec.name}'{hint}")
+        if spec.weight <= 0:
+            raise SmolthinkError(f"task weight must be > 0: {spec.name}:{spec.weight}")
+        specs.append(spec)
+    if not specs:
+        raise SmolthinkError("no task given")
+    return specs
+
+
+def _generate(spec: TaskSpec, seed: int, size: int) -> list[dict]:
+    """Raw reasoning-gym entries for one spec; bad generator kwargs become a one-line error."""
+    import reasoning_gym as rg
+
+    try:
+        ds = rg.create_dataset(spec.name, seed=seed, size=size, **spec.config)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise SmolthinkError(f"bad config for task '{spec.name}': {e}") from None
+    return [ds[i] for i in range(size)]
+
+
+def split_counts(specs: Sequence[TaskSpec], n: int) -> list[int]:
+    """Split n items over specs by weight (largest remainder, sums exactly to n)."""
+    total = sum(s.weight for s in specs)
+    raw = [n * s.weight / total for s in specs]
+    counts = [int(r) for r in raw]
+    order = sorted(range(len(specs)), key=lambda i: raw[i] - counts[i], reverse=True)
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _balanced(entries: list[dict], n: int, rng: random.Random) -> list[dict] | None:
+    """n entries with (as near as possible) equal counts per gold answer class; None when the task has no
+    small answer set."""
+    classes = Counter(e["answer"] for e in entries)
+    if None in classes or not 2 <= len(classes) <= 10:
+        return None
+    per = {c: [e for e in entries if e["answer"] == c] for c in classes}
+    want = split_counts([TaskSpec(str(c)) for c in per], n)
+    out = []
+    for (c, items), k in zip(per.items(), want):
+        if len(items) < k:
+            raise SmolthinkError(f"not enough '{c}' answers to balance {n} items")
+        out += items[:k]
+    rng.shuffle(out)
+    return out
+
+
+def make_examples(
+    specs: Sequence[TaskSpec],
+    n: int,
+    seed: int,
+    split: str,
+    balanced: bool = False,
+    exclude: Iterable[str] = (),
+) -> list[Example]:
+    """n examples from the mixture, generated from `seed` (train uses seed + TRAIN_SEED_OFFSET), with every
+    question in `exclude` removed and duplicates dropped; `balanced` equalises answer classes per task."""
+    banned = set(exclude)
+    rng = random.Random(f"{split}-{seed}")
+    base_seed = seed + (TRAIN_SEED_OFFSET if split == "train" else 0)
+    out: list[Example] = []
+    for k, (spec, count) in enumerate(zip(specs, split_counts(specs, n))):
+        if count == 0:
+            continue
+        pool_size, picked = count * (3 if balanced else 1) + 16, None
+        for attempt in range(6):
+            pool = [e for e in _generate(spec, base_seed + 7919 * k + 104729 * attempt, pool_size)
+                    if e["question"] not in banned]
+            pool = list({e["question"]: e for e in pool}.values())  # dedupe, keep order
+            picked = _balanced(pool, count, rng) if balanced else None
+            if picked is None and len(pool) >= count:
+                picked = pool[:count]
+            if picked is not None and len(picked) == count:
+                break
+            pool_size *= 2
+        if picked is None or len(picked) < count:
+            raise SmolthinkError(f"task '{spec.name}' cannot produce {count} distinct {split} questions")
+        for i, e in enumerate(picked):
+            out.append(Example(id=f"{spec.name}/{split}/{seed}/{i}", task=spec.name, question=e["question"],
+                               answer=e["answer"], entry=e))
+            banned.add(e["question"])
+    if len(specs) > 1:
+        rng.shuffle(out)
+    return out
+
+
+def train_eval_split(specs: Sequence[TaskSpec], n_train: int, n_eval: int, seed: int = 0,
+                     balanced_eval: bool = True, balanced_train: bool = False) -> tuple[list[Example], list[Example]]:
+    """Held-out eval set first, then a train set from another seed with every eval question excluded."""
+    eval_set = make_examples(specs, n_eval, seed, "eval", balanced=balanced_eval)
+    train = make_examples(specs, n_train, seed, "train", balanced=balanced_train,
+                          exclude=(e.question for e in eval_set))
+    return train, eval_set
+
+
+def spec_for(example: Example, specs: Sequence[TaskSpec]) -> TaskSpec:
+    """The spec an example came from."""
+    for s in specs:
+        if s.name == example.task:
+            return s
+    return TaskSpec(example.task)
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_answer(text: str, case_free: bool) -> str:
+    """Trim, collapse inner whitespace, drop one trailing period; casefold when the task is case-free."""
+    text = _WS.sub(" ", text.strip())
+    if text.endswith(".") and not text.endswith(".."):
+        text = text[:-1].rstrip()
+    return text.casefold() if case_free else text
+
+
+def strict_match(answer: str | None, gold: str | None) -> bool:
+    """Exact match after normalisation (case-folded for Yes/No-like gold answers)."""
+    if answer is None or gold is None:
+        return False
+    case_free = gold.strip().casefold() in CASE_FREE_ANSWERS
+    return normalize_answer(answer, case_free) == normalize_answer(gold, case_free)
+
+
+def majority_class(golds: Sequence[str | None]) -> tuple[str | None, float | None]:
+    """Most common gold answer and its share; (None, None) when answers are open-ended (>10 classes or None)."""
+    counts = Counter(golds)
+    if None in counts or not counts or len(counts) > 10:
+        return None, None
+    cls, k = counts.most_common(1)[0]
+    return cls, k / len(golds)
