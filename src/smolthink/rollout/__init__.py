@@ -1,0 +1,26 @@
+"""Rollout engines behind one interface (`base.Engine`): `hf` (baseline) and `fast` (CPU engine)."""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def make_engine(name: str, model, eos_ids, pad_id: int):
+    """Engine by name: "hf", "fast", or "auto" (fast when the architecture is supported, else hf)."""
+    from .hf import HFEngine
+
+    if name == "hf":
+        return HFEngine(eos_ids, pad_id)
+    try:
+        from .fast import FastEngine
+
+        engine = FastEngine(eos_ids, pad_id)
+        if hasattr(engine, "supports") and not engine.supports(model):
+            raise ValueError(f"unsupported architecture {type(model).__name__}")
+        return engine
+    except (ImportError, ValueError) as e:
+        if name == "fast":
+            raise
+        log.info("fast engine unavailable (%s): using HF generate", e)
+        return HFEngine(eos_ids, pad_id)

@@ -1,0 +1,96 @@
+"""The `smolthink` command: eval | train | sft | data | pipeline | bench | report | serve | tasks."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import SmolthinkError
+
+log = logging.getLogger("smolthink")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate a model on a held-out, balanced set and print the summary table."""
+    from .chat import template_prefill
+    from .evaluate import evaluate
+    from .log import console, eval_table, progress_bar, write_json, write_jsonl
+    from .models import eos_ids, load_model
+    from .rollout import make_engine
+    from .runtime import render_prompts, set_threads
+    from .scoring import Scorer
+    from .tasks import make_examples, parse_tasks
+    from .types import SamplingParams
+
+    set_threads(args.threads)
+    specs = parse_tasks(args.task)
+    examples = make_examples(specs, args.n, args.seed, "eval", balanced=not args.unbalanced)
+    model, tok = load_model(args.model)
+    engine = make_engine(args.engine, model, eos_ids(tok, model), tok.pad_token_id)
+    prompts = render_prompts(tok, examples)
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature if args.samples > 1 or args.temperature > 0 else 0.0,
+                              top_p=args.top_p)
+    if args.samples > 1 and sampling.temperature <= 0:
+        sampling.temperature = 0.7
+    log.info("evaluating %s on %d %s questions (%s), %d sample(s) each, engine %s",
+             args.model or "embedded SmolLM2-135M-Instruct", len(examples), args.task,
+             "unbalanced" if args.unbalanced else "balanced", args.samples, type(engine).__name__)
+    with Scorer(timeout=args.scorer_timeout) as scorer, progress_bar("eval", len(examples)) as advance:
+        summary, records = evaluate(model, tok, engine, examples, prompts, scorer, specs, sampling,
+                                    samples_per_question=args.samples, batch_size=args.batch_size, seed=args.seed,
+                                    prefill=template_prefill(tok), progress=advance)
+    summary.update(step=0, model=args.model or "embedded", task=args.task)
+    console.print(eval_table(summary, f"{args.task}: {summary['model']}"))
+    if args.out:
+        out = Path(args.out)
+        write_json(out / "eval.json", summary)
+        write_jsonl(out / "completions.jsonl", records)
+        log.info("wrote %s and %s", out / "eval.json", out / "completions.jsonl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand."""
+    p = argparse.ArgumentParser(prog="smolthink", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="evaluate a model on held-out reasoning-gym questions")
+    e.add_argument("--model", default=None, help="hub id, local dir, .gguf; default: embedded SmolLM2-135M")
+    e.add_argument("--task", default="syllogism", help="task name or mixture 'a:2,b:1'")
+    e.add_argument("--n", type=int, default=100, help="questions")
+    e.add_argument("--samples", type=int, default=1, help="samples per question (pass@k / mean@k when > 1)")
+    e.add_argument("--out", default=None, help="directory for eval.json and completions.jsonl")
+    e.add_argument("--max-new-tokens", type=int, default=300)
+    e.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default for 1 sample)")
+    e.add_argument("--top-p", type=float, default=0.95)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--unbalanced", action="store_true", help="keep the task's natural answer skew")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"])
+    e.add_argument("--scorer-timeout", type=float, default=2.0)
+    e.add_argument("--threads", type=int, default=0)
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a subcommand; user errors print one line, Ctrl-C exits 130."""
+    from .log import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except SmolthinkError as e:
+        print(f"smolthink: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("smolthink: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Evaluation that tells the truth: accuracy with a 95% interval, balanced accuracy, per-class accuracy, the
+majority-class baseline, format rate, lengths, truncation, pass@k / mean@k."""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from typing import Any, Callable, Sequence
+
+from .chat import extract_answer
+from .rewards import RewardConfig, score_completions
+from .tasks import CASE_FREE_ANSWERS, TaskSpec, majority_class, normalize_answer
+from .types import Example, RewardParts, SamplingParams
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (well-behaved near 0 and 1)."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """Normal-approximation interval of a mean of per-question scores (used when k > 1 samples per question)."""
+    n = len(values)
+    if n < 2:
+        return (0.0, 1.0)
+    m = sum(values) / n
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    half = z * math.sqrt(var / n)
+    return (max(0.0, m - half), min(1.0, m + half))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k estimator (Chen et al. 2021) for n samples with c correct."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def _label(answer: str | None, gold: str | None) -> str:
+    """A predicted answer's class for the answer distribution (case-folded like the gold when case-free)."""
+    if answer is None:
+        return "<none>"
+    case_free = gold is not None and gold.strip().casefold() in CASE_FREE_ANSWERS
+    a = normalize_answer(answer, case_free)
+    return a.capitalize() if case_free else a
+
+
+def summarize(examples: Sequence[Example], parts: Sequence[Sequence[RewardParts]], completions: Sequence[Sequence[str]],
+              lengths: Sequence[Sequence[int]], truncated: Sequence[Sequence[bool]]) -> dict[str, Any]:
+    """Metrics from per-question lists of k scored completions ([question][sample])."""
+    k = len(parts[0]) if parts else 1
+    flat = [p for row in parts for p in row]
+    n_q = len(examples)
+    per_q = [sum(p.correct for p in row) / len(row) for row in parts]
+    acc = sum(per_q) / max(n_q, 1)
+    ci = wilson_interval(sum(p.correct for p in flat) / k, n_q) if k == 1 else mean_interval(per_q)
+    golds = [ex.answer for ex in examples]
+    maj_cls, maj = majority_class(golds)
+    per_class: dict[str, float] = {}
+    balanced = None
+    if maj_cls is not None:
+        by_cls: dict[str, list[float]] = defaultdict(list)
+        for ex, s in zip(examples, per_q):
+            by_cls[str(ex.answer)].append(s)
+        per_class = {c: sum(v) / len(v) for c, v in sorted(by_cls.items())}
+        balanced = sum(per_class.values()) / len(per_class)
+    answers = Counter(_label(extract_answer(c), ex.answer) for ex, row in zip(examples, completions) for c in row)
+    total = max(len(flat), 1)
+    summary = {
+        "n": n_q,
+        "samples_per_question": k,
+        "accuracy": acc,
+        "accuracy_ci95": list(ci),
+        "balanced_accuracy": balanced,
+        "per_class_accuracy": per_class,
+        "majority_class": maj_cls,
+        "majority_baseline": maj,
+        "answer_distribution": {a: c / total for a, c in answers.most_common(10)},
+        "format_rate": sum(p.format for p in flat) / total,
+        "partial_credit": sum(p.partial for p in flat) / total,
+        "mean_reward": sum(p.total for p in flat) / total,
+        "mean_completion_len": sum(sum(r) for r in lengths) / total,
+        "truncated_frac": sum(sum(r) for r in truncated) / total,
+        "scoring_errors": sum(p.error is not None for p in flat),
+        "pass@k": None,
+        "mean@k": None,
+    }
+    if k > 1:
+        summary["pass@k"] = sum(pass_at_k(k, int(sum(p.correct for p in row)), k) for row in parts) / n_q
+        summary["mean@k"] = acc
+    return summary
+
+
+def evaluate(
+    model,
+    tokenizer,
+    engine,
+    examples: Sequence[Example],
+    prompts: Sequence[list[int]],
+    scorer,
+    specs: Sequence[TaskSpec],
+    sampling: SamplingParams,
+    samples_per_question: int = 1,
+    batch_size: int = 16,
+    seed: int = 0,
+    reward_cfg: RewardConfig | None = None,
+    prefill: str = "",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate k completions per example, score them strictly, and summarise -> (summary, records), where
+    records hold every prompt/completion/score. `progress(n_done)` is called after each batch."""
+    reward_cfg = reward_cfg or RewardConfig()
+    t0 = time.time()
+    all_parts, all_comps, all_lens, all_trunc, records = [], [], [], [], []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        rollouts = engine.generate(model, prompts[start : start + batch_size], samples_per_question, sampling,
+                                   seed=seed + start)
+        for ex, row in zip(batch, rollouts):
+            texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in row]
+            parts = score_completions(texts, [ex] * len(row), [len(r.completion_ids) for r in row], scorer, specs,
+                                      reward_cfg, sampling.max_new_tokens, prefill)
+            all_parts.append(parts)
+            all_comps.append(texts)
+            all_lens.append([len(r.completion_ids) for r in row])
+            all_trunc.append([r.truncated for r in row])
+            for text, r, p in zip(texts, row, parts):
+                records.append({"id": ex.id, "task": ex.task, "question": ex.question, "completion": text,
+                                "answer": extract_answer(text), "gold": ex.answer, "correct": p.correct,
+                                "format": p.format, "partial": p.partial, "reward": p.total, "error": p.error,
+                                "length": len(r.completion_ids), "truncated": r.truncated})
+        if progress:
+            progress(len(batch))
+    summary = summarize(examples, all_parts, all_comps, all_lens, all_trunc)
+    summary["seconds"] = time.time() - t0
+    summary["samples"] = [{k: r[k] for k in ("question", "completion", "answer", "gold", "correct", "format")}
+                          for r in records[:8]]
+    return summary, records
