@@ -21,3 +21,49 @@ def set_threads(n: int = 0) -> int:
 def render_prompts(tokenizer, examples: Sequence[Example], few_shot: Sequence[tuple[str, str]] = ()) -> list[list[int]]:
     """Chat-templated prompt ids for each example."""
     return [render_prompt(tokenizer, build_messages(ex.question, few_shot=few_shot)) for ex in examples]
+
+
+def load_policy(cfg):
+    """Model + tokenizer for training: LoRA attached (or all weights trainable), gradient checkpointing if set."""
+    from .models import attach_lora, load_model
+
+    model, tok = load_model(cfg.model)
+    if cfg.use_lora:
+        model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    else:
+        model.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads() if cfg.use_lora else None
+        model.config.use_cache = False
+    model.train()
+    return model, tok
+
+
+def make_optimizer(model, cfg):
+    """AdamW over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """Linear warm-up, then constant / linear decay / cosine decay to 0 over total_steps."""
+    import math
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process, GB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

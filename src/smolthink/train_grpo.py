@@ -1,0 +1,392 @@
+"""The GRPO loop (`smolthink train`): collect experience (G samples per question, strict rewards, group
+advantages) into an unpadded buffer, then train on random minibatches with the clipped PPO surrogate and
+gradient accumulation; eval, samples, atomic checkpoints and exact resume. Reads as named phases."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .buffer import Experience, ExperienceBuffer
+from .chat import template_prefill
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import GRPOConfig, save_config
+from .errors import SmolthinkError
+from .evaluate import evaluate
+from .grpo import group_advantages, policy_loss, zero_std_groups
+from .log import MetricsWriter, console, eval_table, step_line, write_json, write_jsonl
+from .logprobs import token_logprobs
+from .models import eos_ids, save_final
+from .rewards import RewardConfig, load_functions, score_completions
+from .rollout import make_engine
+from .runtime import (load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads)
+from .scoring import Scorer
+from .tasks import parse_tasks, train_eval_split
+from .types import SamplingParams
+
+log = logging.getLogger(__name__)
+PERF_KEYS = ("time", "perf/")
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights/optimizer that exact resume needs (JSON-able counters + torch-saved extras)."""
+
+    step: int = 0  # optimizer steps done
+    rollouts: int = 0  # rollout batches generated (seeds the sampler)
+    fills: int = 0  # buffer fills done (seeds minibatch order)
+    data_pos: int = 0  # next train question
+    plan: list = field(default_factory=list)  # pending optimizer steps: [[minibatch indices, ...], ...]
+    fill_stats: dict = field(default_factory=dict)  # stats of the fill being trained on
+    buffer: dict = field(default_factory=dict)  # ExperienceBuffer.state_dict()
+    samples: list = field(default_factory=list)  # a few decoded rollouts of the current fill
+
+
+def derived_numbers(cfg: GRPOConfig) -> dict[str, Any]:
+    """How rollout batches, buffer fills and optimizer steps relate (printed at start-up)."""
+    per_rollout = cfg.prompts_per_rollout * cfg.num_generations
+    rollouts_per_fill = math.ceil(cfg.buffer_size / per_rollout)
+    per_fill = rollouts_per_fill * per_rollout
+    per_step = cfg.minibatch_size * cfg.gradient_accumulation_steps
+    steps_per_fill = cfg.num_iterations * math.ceil(per_fill / per_step)
+    return {"completions_per_rollout": per_rollout, "rollouts_per_fill": rollouts_per_fill,
+            "completions_per_fill": per_fill, "sequences_per_step": per_step, "steps_per_fill": steps_per_fill,
+            "fills": math.ceil(cfg.max_steps / steps_per_fill), "on_policy": steps_per_fill == 1}
+
+
+def next_questions(train: list, state: LoopState, n: int, seed: int) -> list:
+    """The next n train examples: a fresh seeded shuffle each pass over the train set."""
+    out = []
+    for _ in range(n):
+        epoch, i = divmod(state.data_pos, len(train))
+        order = list(range(len(train)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(train[order[i]])
+        state.data_pos += 1
+    return out
+
+
+def collect_experience(ctx: dict, state: LoopState) -> tuple[list[Experience], dict[str, float], list[dict]]:
+    """Fill a buffer: rollout batches of P questions x G samples, scored and turned into group advantages.
+    Zero-signal groups are counted, and dropped (with a cap on extra batches) when drop_zero_std_groups."""
+    cfg: GRPOConfig = ctx["cfg"]
+    tok, model = ctx["tok"], ctx["model"]
+    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
+    min_batches = derived_numbers(cfg)["rollouts_per_fill"]
+    exps, all_parts, lengths, truncs, zero, groups, samples = [], [], [], [], 0, 0, []
+    t0, gen_tokens, batches = time.time(), 0, 0
+    while len(exps) < cfg.buffer_size:
+        examples = next_questions(ctx["train"], state, cfg.prompts_per_rollout, cfg.seed)
+        prompts = render_prompts(tok, examples)
+        rollouts = ctx["engine"].generate(model, prompts, cfg.num_generations, sampling,
+                                          seed=cfg.seed * 7919 + state.rollouts)  # [P][G]
+        state.rollouts += 1
+        batches += 1
+        flat = [r for row in rollouts for r in row]
+        texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in flat]
+        parts = score_completions(texts, [ex for ex in examples for _ in range(cfg.num_generations)],
+                                  [len(r.completion_ids) for r in flat], ctx["scorer"], ctx["specs"],
+                                  ctx["reward_cfg"], cfg.max_completion_length, ctx["prefill"], ctx["user_fns"])
+        rewards = torch.tensor([p.total for p in parts], dtype=torch.float32).view(len(examples), -1)  # [P, G]
+        adv = group_advantages(rewards, cfg.scale_rewards)  # [P, G]
+        flat_zero = zero_std_groups(rewards)  # [P]
+        drop = cfg.drop_zero_std_groups and batches - min_batches < cfg.max_resample_attempts
+        for b in range(len(examples)):
+            groups += 1
+            zero += int(flat_zero[b])
+            if drop and flat_zero[b]:
+                continue
+            for g in range(cfg.num_generations):
+                k = b * cfg.num_generations + g
+                r = flat[k]
+                exps.append(Experience(prompt_ids=r.prompt_ids, completion_ids=r.completion_ids, old_logp=None,
+                                       advantage=float(adv[b, g]), reward=parts[k].total,
+                                       parts={"correct": parts[k].correct, "format": parts[k].format},
+                                       truncated=r.truncated, group=state.rollouts * 1000 + b))
+                if len(samples) < 12:
+                    samples.append({"prompt": examples[b].question, "completion": texts[k],
+                                    "gold": examples[b].answer, "reward": parts[k].total,
+                                    "correct": parts[k].correct, "format": parts[k].format,
+                                    "advantage": float(adv[b, g]), "truncated": r.truncated})
+        all_parts += parts
+        lengths += [len(r.completion_ids) for r in flat]
+        truncs += [r.truncated for r in flat]
+        gen_tokens += sum(len(r.completion_ids) for r in flat)
+    seconds = time.time() - t0
+    rs = torch.tensor([p.total for p in all_parts])
+    n = len(all_parts)
+    stats = {"reward/mean": rs.mean().item(), "reward/std": rs.std().item() if n > 1 else 0.0,
+             "reward/correct": sum(p.correct for p in all_parts) / n,
+             "reward/format": sum(p.format for p in all_parts) / n,
+             "reward/partial": sum(p.partial for p in all_parts) / n,
+             "reward/length": sum(p.length for p in all_parts) / n,
+             "reward/scoring_errors": float(sum(p.error is not None for p in all_parts)),
+             "reward/frac_zero_std_groups": zero / max(groups, 1),
+             "completion/mean_len": sum(lengths) / n, "completion/clipped_frac": sum(truncs) / n,
+             "perf/rollout_s": seconds, "perf/rollout_tok_s": gen_tokens / max(seconds, 1e-9)}
+    for name in ctx["reward_cfg"].functions:
+        stats[f"reward/{name.partition('=')[0]}"] = sum(p.extras.get(name.partition('=')[0], 0.0)
+                                                      for p in all_parts) / n
+    return exps, stats, samples
+
+
+def plan_steps(buffer: ExperienceBuffer, cfg: GRPOConfig, fill: int) -> list[list[list[int]]]:
+    """Split num_iterations shuffled passes over the buffer into optimizer steps of
+    gradient_accumulation_steps minibatches each (the last step of a pass may be smaller)."""
+    plan = []
+    keep = None
+    if cfg.mask_truncated_completions:
+        keep = {i for i, e in enumerate(buffer.items) if not e.truncated}
+    for it in range(cfg.num_iterations):
+        gen = torch.Generator().manual_seed(cfg.seed * 104729 + fill * 31 + it)
+        mbs = [mb for mb in buffer.minibatches(cfg.minibatch_size, gen, group_by_length=cfg.group_by_length)]
+        if keep is not None:
+            mbs = [[i for i in mb if i in keep] for mb in mbs]
+            mbs = [mb for mb in mbs if mb]
+        for s in range(0, len(mbs), cfg.gradient_accumulation_steps):
+            plan.append(mbs[s : s + cfg.gradient_accumulation_steps])
+    return plan
+
+
+@torch.no_grad()
+def fill_old_logprobs(ctx: dict, buffer: ExperienceBuffer) -> float:
+    """Old per-token log-probs with the training numerics (same function, temperature and masks) -> seconds."""
+    cfg, model = ctx["cfg"], ctx["model"]
+    t0 = time.time()
+    order = sorted(range(len(buffer)), key=lambda i: len(buffer.items[i].prompt_ids) + len(buffer.items[i].completion_ids))
+    for s in range(0, len(order), cfg.minibatch_size):
+        idx = order[s : s + cfg.minibatch_size]
+        batch = buffer.collate(idx, ctx["tok"].pad_token_id)
+        logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                 temperature=cfg.temperature)
+        for row, i in enumerate(idx):
+            e = buffer.items[i]
+            p = batch.prompt_lens[row]
+            buffer.items[i].old_logp = logp[row, p : p + len(e.completion_ids)].clone()
+    return time.time() - t0
+
+
+def optimizer_step(ctx: dict, buffer: ExperienceBuffer, minibatches: list[list[int]]) -> dict[str, float]:
+    """One optimizer step over gradient_accumulation minibatches; normalisers are the whole step's, so the
+    accumulated gradient equals the big-batch gradient."""
+    cfg, model, opt = ctx["cfg"], ctx["model"], ctx["optimizer"]
+    t0 = time.time()
+    n_seqs = sum(len(mb) for mb in minibatches)
+    n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
+    totals: dict[str, float] = {}
+    tokens_seen = 0
+    for mb in minibatches:
+        batch = buffer.collate(mb, ctx["tok"].pad_token_id)
+        logp, entropy = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                       temperature=cfg.temperature, with_entropy=True)
+        old = batch.old_logp if batch.old_logp is not None else logp.detach()
+        ref = None
+        if cfg.beta > 0:
+            ref = reference_logprobs(ctx, batch)
+        loss, stats = policy_loss(logp, old, batch.advantages, batch.completion_mask, epsilon=cfg.epsilon,
+                                  epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                                  max_completion_length=cfg.max_completion_length, ref_logp=ref, beta=cfg.beta,
+                                  entropy=entropy, entropy_coef=cfg.entropy_coef,
+                                  num_sequences_total=n_seqs, num_tokens_total=n_tok)
+        ctx["accelerator"].backward(loss)
+        weight = batch.completion_mask.sum().item() / max(n_tok, 1)
+        totals["loss/total"] = totals.get("loss/total", 0.0) + loss.item()
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * weight
+        tokens_seen += int(batch.attention_mask.sum())
+    grad_norm = clip_and_step(ctx)
+    seconds = time.time() - t0
+    totals.update({"grad_norm": grad_norm, "lr": ctx["scheduler"].get_last_lr()[0], "perf/train_s": seconds,
+                   "perf/train_tok_s": tokens_seen / max(seconds, 1e-9), "train/sequences": float(n_seqs)})
+    ctx["scheduler"].step()
+    return totals
+
+
+def clip_and_step(ctx: dict) -> float:
+    """Clip gradients (when max_grad_norm > 0), step the optimizer, zero the gradients -> pre-clip norm."""
+    cfg, model, opt = ctx["cfg"], ctx["model"], ctx["optimizer"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.max_grad_norm > 0:
+        norm = float(ctx["accelerator"].clip_grad_norm_(params, cfg.max_grad_norm))
+    else:
+        norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+@torch.no_grad()
+def reference_logprobs(ctx: dict, batch) -> torch.Tensor:
+    """Log-probs under the reference policy: the same model with the LoRA adapter disabled (no second copy),
+    or a frozen copy under full fine-tuning."""
+    cfg, model = ctx["cfg"], ctx["model"]
+    if cfg.use_lora:
+        with model.disable_adapter():
+            ref, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                    temperature=cfg.temperature)
+        return ref
+    if "ref_model" not in ctx:
+        import copy
+
+        ctx["ref_model"] = copy.deepcopy(model).requires_grad_(False).eval()
+    ref, _ = token_logprobs(ctx["ref_model"], batch.input_ids, batch.attention_mask, batch.completion_mask,
+                            temperature=cfg.temperature)
+    return ref
+
+
+def run_eval(ctx: dict, out_dir: Path, step: int) -> dict[str, Any]:
+    """Greedy eval on the held-out set -> eval/step_XXXXXX.json (+ completions)."""
+    cfg = ctx["cfg"]
+    sampling = SamplingParams(cfg.eval_max_new_tokens or cfg.max_completion_length, 0.0, 1.0)
+    summary, records = evaluate(ctx["model"], ctx["tok"], ctx["engine"], ctx["eval"], ctx["eval_prompts"],
+                                ctx["scorer"], ctx["specs"], sampling, reward_cfg=ctx["reward_cfg"],
+                                prefill=ctx["prefill"], seed=cfg.seed)
+    summary.update(step=step, model=cfg.model or "embedded", task=str(cfg.task))
+    write_json(out_dir / "eval" / f"step_{step:06d}.json", summary)
+    write_jsonl(out_dir / "eval" / f"step_{step:06d}.completions.jsonl", records)
+    lo, hi = summary["accuracy_ci95"]
+    log.info("eval @ step %d: accuracy %.3f [%.3f, %.3f], balanced %s, format %.3f, majority baseline %s",
+             step, summary["accuracy"], lo, hi, _f(summary["balanced_accuracy"]), summary["format_rate"],
+             _f(summary["majority_baseline"]))
+    return summary
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def setup(cfg: GRPOConfig, out_dir: Path) -> dict[str, Any]:
+    """Build everything a run needs: data, policy, engine, scorer, optimizer, scheduler."""
+    from accelerate import Accelerator
+
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    specs = parse_tasks(cfg.task)
+    train, eval_set = train_eval_split(specs, cfg.train_size, cfg.eval_n, cfg.seed, balanced_eval=cfg.eval_balanced)
+    model, tok = load_policy(cfg)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.max_steps)
+    return {"cfg": cfg, "specs": specs, "train": train, "eval": eval_set, "model": model, "tok": tok,
+            "eval_prompts": render_prompts(tok, eval_set), "accelerator": accelerator, "optimizer": optimizer,
+            "scheduler": scheduler, "prefill": template_prefill(tok),
+            "engine": make_engine(cfg.engine, model, eos_ids(tok, model), tok.pad_token_id),
+            "reward_cfg": RewardConfig(cfg.correct_weight, cfg.format_weight, cfg.strict_scoring, cfg.length_penalty,
+                                       cfg.length_target, list(cfg.reward_functions)),
+            "user_fns": load_functions(cfg.reward_functions)}
+
+
+def save(ctx: dict, out_dir: Path, state: LoopState) -> Path:
+    """Checkpoint the state after the last finished optimizer step."""
+    counters = {k: getattr(state, k) for k in ("rollouts", "fills", "data_pos")}
+    extra = {k: getattr(state, k) for k in ("plan", "fill_stats", "buffer", "samples")}
+    return save_checkpoint(out_dir / "checkpoints", state.step, ctx["model"], ctx["optimizer"], ctx["scheduler"],
+                           counters, extra, keep=ctx["cfg"].keep_checkpoints)
+
+
+def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any] | None:
+    """Run GRPO for cfg.max_steps optimizer steps into out_dir; returns the final eval summary."""
+    out_dir = Path(out_dir)
+    # ---- 1. set-up: data, policy, engine, scorer, optimizer ----
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None:
+        raise SmolthinkError(f"nothing to resume in {out_dir} (no complete checkpoint)")
+    if not resume and (out_dir / "metrics.jsonl").exists():
+        raise SmolthinkError(f"{out_dir} already holds a run: pass --resume {out_dir} or another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = setup(cfg, out_dir)
+    d = derived_numbers(cfg)
+    log.info("GRPO: %d prompts x G=%d = %d completions per rollout; %d rollouts per buffer fill (%d completions); "
+             "%d sequences per optimizer step (%d x %d accumulation); %d optimizer steps per fill%s; "
+             "%d steps = %d fills", cfg.prompts_per_rollout, cfg.num_generations, d["completions_per_rollout"],
+             d["rollouts_per_fill"], d["completions_per_fill"], d["sequences_per_step"], cfg.minibatch_size,
+             cfg.gradient_accumulation_steps, d["steps_per_fill"],
+             " (on-policy: old log-prob pass skipped)" if d["on_policy"] else "", cfg.max_steps, d["fills"])
+    state = LoopState()
+    buffer = ExperienceBuffer()
+    # ---- 2. resume ----
+    if ckpt is not None:
+        counters, extra = load_checkpoint(ckpt, ctx["model"], ctx["optimizer"], ctx["scheduler"])
+        state = LoopState(step=counters["step"], rollouts=counters["rollouts"], fills=counters["fills"],
+                          data_pos=counters["data_pos"], **extra)
+        buffer.load_state_dict(state.buffer)
+        log.info("resumed from %s (step %d)", ckpt, state.step)
+    else:
+        save_config(cfg, out_dir / "config.yaml")
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", truncate_after_step=state.step if ckpt else None)
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM"))
+    scorer = Scorer(timeout=cfg.scorer_timeout)
+    ctx["scorer"] = scorer
+    final = None
+    try:
+        if ckpt is None and cfg.eval_n > 0:
+            run_eval(ctx, out_dir, 0)
+        t_start, steps_timed = time.time(), 0
+        while state.step < cfg.max_steps and stop["signal"] is None:
+            t_step = time.time()
+            rollout_s = 0.0
+            # ---- 3a. experience collection (when the plan is empty) ----
+            if not state.plan:
+                exps, state.fill_stats, state.samples = collect_experience(ctx, state)
+                buffer.clear()
+                buffer.extend(exps)
+                state.plan = plan_steps(buffer, cfg, state.fills)
+                state.fills += 1
+                rollout_s = state.fill_stats["perf/rollout_s"]
+                # ---- 3b. old log-probs, only when more than one update follows the fill ----
+                if not d["on_policy"]:
+                    state.fill_stats["perf/old_logp_s"] = fill_old_logprobs(ctx, buffer)
+            # ---- 3c. one optimizer step ----
+            step_stats = optimizer_step(ctx, buffer, state.plan.pop(0))
+            state.step += 1
+            state.buffer = buffer.state_dict()
+            # ---- 3d. log ----
+            m = {**state.fill_stats, **step_stats, "perf/rollout_s": rollout_s,
+                 "perf/peak_rss_gb": peak_rss_gb(), "perf/step_s": time.time() - t_step}
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps and cfg.eval_n:
+                ev = run_eval(ctx, out_dir, state.step)
+                m.update({"eval/accuracy": ev["accuracy"], "eval/format_rate": ev["format_rate"],
+                          "eval/balanced_accuracy": ev["balanced_accuracy"]})
+            metrics.write(state.step, m)
+            steps_timed += 1
+            per_step = (time.time() - t_start) / steps_timed
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                console.print(step_line(state.step, cfg.max_steps, m, m["perf/step_s"],
+                                        per_step * (cfg.max_steps - state.step)))
+            if cfg.sample_every and (state.step % cfg.sample_every == 0 or state.step == 1) and rollout_s:
+                write_jsonl(out_dir / "samples" / f"step_{state.step:06d}.jsonl",
+                            [{"step": state.step, **s} for s in state.samples])
+            # ---- 3e. checkpoint ----
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
+                save(ctx, out_dir, state)
+        # ---- 4. the end: checkpoint, final eval, final model ----
+        save(ctx, out_dir, state)
+        if stop["signal"]:
+            log.warning("%s: checkpoint saved at step %d; continue with --resume %s", stop["signal"], state.step, out_dir)
+            return None
+        if cfg.eval_n > 0:
+            final = run_eval(ctx, out_dir, state.step)
+            console.print(eval_table(final, f"final eval (step {state.step})"))
+        save_final(ctx["accelerator"].unwrap_model(ctx["model"]), ctx["tok"], out_dir / "final")
+        log.info("final model: %s/final/merged (transformers) and %s/final/adapter (peft)", out_dir, out_dir)
+    except KeyboardInterrupt:
+        ctx["optimizer"].zero_grad(set_to_none=True)
+        path = save(ctx, out_dir, state)
+        log.warning("interrupted: checkpoint of step %d saved to %s; continue with --resume %s", state.step, path,
+                    out_dir)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        metrics.close()
+        scorer.close()
+    return final
