@@ -50,6 +50,49 @@ def cmd_eval(args: argparse.Namespace) -> None:
         log.info("wrote %s and %s", out / "eval.json", out / "completions.jsonl")
 
 
+def load_stage_config(cls, args: argparse.Namespace):
+    """Config from defaults <- --config YAML <- --model/--task flags <- --set overrides."""
+    from .config import build_config, load_yaml, parse_overrides
+
+    sources = [load_yaml(args.config) if args.config else {}]
+    flags = {k: getattr(args, k) for k in ("model", "task") if getattr(args, k, None) is not None}
+    return build_config(cls, sources + [flags, parse_overrides(args.set or [])])
+
+
+def resolve_run_dir(args: argparse.Namespace, kind: str) -> tuple[Path, bool]:
+    """(run directory, resuming?) from --out / --resume; a fresh default name under runs/."""
+    import time
+
+    if args.resume:
+        return Path(args.resume), True
+    if args.out:
+        return Path(args.out), False
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", False
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """GRPO training."""
+    from .config import GRPOConfig, load_yaml
+    from .train_grpo import train
+
+    out, resume = resolve_run_dir(args, "grpo")
+    if resume and not args.config and (out / "config.yaml").is_file():
+        args.config = str(out / "config.yaml")  # resume with the run's own resolved config
+    cfg = load_stage_config(GRPOConfig, args)
+    log.info("run directory: %s", out)
+    train(cfg, out, resume=resume)
+
+
+def add_stage_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by train / sft / pipeline."""
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--model", default=None, help="hub id, local dir, .gguf; default: embedded SmolLM2-135M")
+    p.add_argument("--task", default=None, help="task name or mixture 'a:2,b:1'")
+    p.add_argument("--out", default=None, help="run directory (default runs/<kind>-<time>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     p = argparse.ArgumentParser(prog="smolthink", description=__doc__)
@@ -72,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scorer-timeout", type=float, default=2.0)
     e.add_argument("--threads", type=int, default=0)
     e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="GRPO training (our own loop)")
+    add_stage_args(t)
+    t.set_defaults(func=cmd_train)
     return p
 
 

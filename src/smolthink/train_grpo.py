@@ -3,6 +3,7 @@ advantages) into an unpadded buffer, then train on random minibatches with the c
 gradient accumulation; eval, samples, atomic checkpoints and exact resume. Reads as named phases."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -285,12 +286,24 @@ def setup(cfg: GRPOConfig, out_dir: Path) -> dict[str, Any]:
             "user_fns": load_functions(cfg.reward_functions)}
 
 
-def save(ctx: dict, out_dir: Path, state: LoopState) -> Path:
+def save(ctx: dict, out_dir: Path, state: LoopState, buffer: ExperienceBuffer) -> Path:
     """Checkpoint the state after the last finished optimizer step."""
+    state.buffer = buffer.state_dict()
     counters = {k: getattr(state, k) for k in ("rollouts", "fills", "data_pos")}
     extra = {k: getattr(state, k) for k in ("plan", "fill_stats", "buffer", "samples")}
     return save_checkpoint(out_dir / "checkpoints", state.step, ctx["model"], ctx["optimizer"], ctx["scheduler"],
                            counters, extra, keep=ctx["cfg"].keep_checkpoints)
+
+
+def graceful_stop(stop: dict, sig: int):
+    """Signal handler: the first Ctrl-C / SIGTERM finishes the current step and checkpoints; a second Ctrl-C
+    aborts at once (the checkpoint then holds the last finished step)."""
+    def handler(signum, frame):
+        if stop["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        log.warning("%s: stopping after this step (Ctrl-C again to stop now)", stop["signal"])
+    return handler
 
 
 def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any] | None:
@@ -324,7 +337,7 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
         save_config(cfg, out_dir / "config.yaml")
     metrics = MetricsWriter(out_dir / "metrics.jsonl", truncate_after_step=state.step if ckpt else None)
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM"))
+    previous = {sig: signal.signal(sig, graceful_stop(stop, sig)) for sig in (signal.SIGTERM, signal.SIGINT)}
     scorer = Scorer(timeout=cfg.scorer_timeout)
     ctx["scorer"] = scorer
     final = None
@@ -335,11 +348,15 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
         while state.step < cfg.max_steps and stop["signal"] is None:
             t_step = time.time()
             rollout_s = 0.0
-            # ---- 3a. experience collection (when the plan is empty) ----
+            # ---- 3a. experience collection (when the plan is empty; on a copy of the counters, so an
+            #      interrupt mid-collection leaves the state of the last finished step) ----
             if not state.plan:
-                exps, state.fill_stats, state.samples = collect_experience(ctx, state)
+                fill_state = dataclasses.replace(state)
+                exps, fill_stats, samples = collect_experience(ctx, fill_state)
                 buffer.clear()
                 buffer.extend(exps)
+                state.rollouts, state.data_pos = fill_state.rollouts, fill_state.data_pos
+                state.fill_stats, state.samples = fill_stats, samples
                 state.plan = plan_steps(buffer, cfg, state.fills)
                 state.fills += 1
                 rollout_s = state.fill_stats["perf/rollout_s"]
@@ -347,9 +364,9 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
                 if not d["on_policy"]:
                     state.fill_stats["perf/old_logp_s"] = fill_old_logprobs(ctx, buffer)
             # ---- 3c. one optimizer step ----
-            step_stats = optimizer_step(ctx, buffer, state.plan.pop(0))
+            step_stats = optimizer_step(ctx, buffer, state.plan[0])
+            state.plan.pop(0)
             state.step += 1
-            state.buffer = buffer.state_dict()
             # ---- 3d. log ----
             m = {**state.fill_stats, **step_stats, "perf/rollout_s": rollout_s,
                  "perf/peak_rss_gb": peak_rss_gb(), "perf/step_s": time.time() - t_step}
@@ -368,9 +385,9 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
                             [{"step": state.step, **s} for s in state.samples])
             # ---- 3e. checkpoint ----
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
-                save(ctx, out_dir, state)
+                save(ctx, out_dir, state, buffer)
         # ---- 4. the end: checkpoint, final eval, final model ----
-        save(ctx, out_dir, state)
+        save(ctx, out_dir, state, buffer)
         if stop["signal"]:
             log.warning("%s: checkpoint saved at step %d; continue with --resume %s", stop["signal"], state.step, out_dir)
             return None
@@ -381,12 +398,13 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
         log.info("final model: %s/final/merged (transformers) and %s/final/adapter (peft)", out_dir, out_dir)
     except KeyboardInterrupt:
         ctx["optimizer"].zero_grad(set_to_none=True)
-        path = save(ctx, out_dir, state)
+        path = save(ctx, out_dir, state, buffer)
         log.warning("interrupted: checkpoint of step %d saved to %s; continue with --resume %s", state.step, path,
                     out_dir)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         metrics.close()
         scorer.close()
     return final

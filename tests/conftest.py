@@ -1,0 +1,28 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The real embedded SmolLM2-135M-Instruct (converted from the GGUF once, then cached)."""
+    from smolthink.models import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(embedded):
+    """The real SmolLM2 tokenizer (chat template, pad == eos)."""
+    return embedded[1]
+
+
+@pytest.fixture()
+def tiny_lm(tiny_tokenizer):
+    """A tiny random Llama with the real tokenizer's vocabulary (fast, no download)."""
+    from smolthink.models import tiny_model
+
+    return tiny_model(vocab_size=len(tiny_tokenizer))

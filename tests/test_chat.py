@@ -1,0 +1,45 @@
+from smolthink.chat import build_messages, extract_answer, format_ok, render_prompt
+
+
+def test_extract_takes_last_answer_block():
+    text = "<think> a </think> <answer> No </answer> then <answer>  Yes \n</answer>"
+    assert extract_answer(text) == "Yes"
+    assert extract_answer("no tags at all") is None
+    assert extract_answer("<answer></answer>") == ""
+
+
+def test_format_strict_accepts_exact_layout_with_whitespace():
+    assert format_ok("<think> step 1 </think> <answer> Yes </answer>")
+    assert format_ok("\n<think>\nreason\n</think>\n\n<answer>No</answer>\n")
+
+
+def test_format_rejects_extra_text_missing_or_repeated_blocks():
+    assert not format_ok("Sure! <think> x </think> <answer> Yes </answer>")
+    assert not format_ok("<think> x </think> <answer> Yes </answer> trailing")
+    assert not format_ok("<think> x </think>")
+    assert not format_ok("<answer> Yes </answer>")
+    assert not format_ok("<think> x </think> <think> y </think> <answer> Yes </answer>")
+    assert not format_ok("<think> x </think> <answer> Yes </answer> <answer> No </answer>")
+    assert not format_ok("<answer> Yes </answer> <think> x </think>")
+    assert not format_ok("<think>  </think> <answer> Yes </answer>")  # empty reasoning
+    assert not format_ok("<think> x </think> <answer>  </answer>")  # empty answer
+    assert not format_ok("<think> x <answer> Yes </answer> </think> <answer> Yes </answer>")
+
+
+def test_format_with_template_prefilled_think():
+    completion = "reasoning here </think> <answer> Yes </answer>"
+    assert not format_ok(completion)
+    assert format_ok(completion, prefill="<think>\n")
+
+
+def test_render_prompt_uses_chat_template(tiny_tokenizer):
+    ids = render_prompt(tiny_tokenizer, build_messages("Is it?"))
+    text = tiny_tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\n")
+    assert "<think>" in text and "Is it?" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_few_shot_messages_alternate():
+    msgs = build_messages("Q2", few_shot=[("Q1", "<think> t </think> <answer> A </answer>")])
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
