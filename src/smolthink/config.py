@@ -41,6 +41,7 @@ class ModelArgs:
     eval_n: int = opt(100, "held-out eval questions")
     eval_balanced: bool = opt(True, "balance answer classes of the eval set (e.g. 50% Yes / 50% No)")
     eval_every: int = opt(0, "evaluate every N optimizer steps (0: only at start and end)")
+    eval_at_start: bool = opt(True, "evaluate before the first step (the pipeline reuses the previous stage's)")
     eval_max_new_tokens: int = opt(0, "eval generation length (0: same as max_completion_length)")
     save_every: int = opt(0, "checkpoint every N optimizer steps (0: only at the end and on interrupt)")
     keep_checkpoints: int = opt(2, "how many step checkpoints to keep")

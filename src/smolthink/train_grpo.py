@@ -342,7 +342,7 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
     ctx["scorer"] = scorer
     final = None
     try:
-        if ckpt is None and cfg.eval_n > 0:
+        if ckpt is None and cfg.eval_n > 0 and cfg.eval_at_start:
             run_eval(ctx, out_dir, 0)
         t_start, steps_timed = time.time(), 0
         while state.step < cfg.max_steps and stop["signal"] is None:
