@@ -83,6 +83,33 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(cfg, out, resume=resume)
 
 
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    """The whole recipe in one run directory."""
+    from .config import build_pipeline_config, load_yaml, parse_overrides
+    from .pipeline import run_pipeline
+
+    out = Path(args.out or args.resume or "runs/pipeline")
+    if not args.config and (out / "pipeline.yaml").is_file():
+        args.config = str(out / "pipeline.yaml")  # a rerun continues with the run's own config
+    sources = [load_yaml(args.config) if args.config else {}]
+    sources.append({k: getattr(args, k) for k in ("model", "task") if getattr(args, k, None) is not None})
+    cfg = build_pipeline_config(sources + [parse_overrides(args.set or [])])
+    log.info("pipeline run directory: %s", out)
+    run_pipeline(cfg, out)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """Report from a run directory."""
+    from .report import write_report
+
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        from .errors import SmolthinkError
+
+        raise SmolthinkError(f"no such run directory: {run}")
+    log.info("wrote %s", write_report(run))
+
+
 def add_stage_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by train / sft / pipeline."""
     p.add_argument("--config", default=None, help="YAML config file")
@@ -119,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="GRPO training (our own loop)")
     add_stage_args(t)
     t.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("pipeline", help="base eval -> traces -> SFT -> GRPO -> final eval -> report")
+    add_stage_args(pl)
+    pl.set_defaults(func=cmd_pipeline)
+
+    r = sub.add_parser("report", help="report.md and plots from a run directory")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_report)
     return p
 
 

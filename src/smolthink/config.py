@@ -226,3 +226,54 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config as YAML."""
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+@dataclass
+class PipelineConfig:
+    """One YAML, one run directory: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> report.
+    Top-level keys apply to every stage; `sft:` and `grpo:` hold stage-specific overrides."""
+
+    model: str | None = opt(None, "hub id, local dir, .gguf file, or None for the embedded SmolLM2-135M-Instruct")
+    task: Any = opt("syllogism", "reasoning-gym task or mixture")
+    seed: int = opt(0, "base seed")
+    threads: int = opt(0, "torch threads (0: all cores)")
+    eval_n: int = opt(400, "held-out eval questions (balanced) for base, SFT and final evals")
+    eval_max_new_tokens: int = opt(200, "eval generation length")
+    data_source: str = opt("scripted", "warm-up traces: scripted | teacher | api")
+    num_traces: int = opt(400, "warm-up traces to keep")
+    teacher_model: str | None = opt(None, "local teacher model for data_source=teacher (default: the policy)")
+    sft: dict = opt({}, "SFTConfig overrides for the SFT stage")
+    grpo: dict = opt({}, "GRPOConfig overrides for the GRPO stage")
+
+
+def build_pipeline_config(sources: Sequence[dict[str, Any]]) -> PipelineConfig:
+    """Merge and validate a pipeline config, including its sft/grpo sections."""
+    hints = get_type_hints(PipelineConfig)
+    names = [f.name for f in fields(PipelineConfig)]
+    merged: dict[str, Any] = {}
+    for src in sources:
+        for key, value in (src or {}).items():
+            if "." in key and key.split(".", 1)[0] in ("sft", "grpo"):  # --set grpo.max_steps=5
+                section, sub = key.split(".", 1)
+                merged.setdefault(section, {})[sub] = value
+                continue
+            if key not in hints:
+                close = difflib.get_close_matches(key, names, n=1)
+                raise SmolthinkError(f"unknown pipeline key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            if key in ("sft", "grpo"):
+                merged.setdefault(key, {}).update(value or {})
+            else:
+                merged[key] = _coerce(key, value, hints[key])
+    cfg = PipelineConfig(**merged)
+    if cfg.data_source not in ("scripted", "teacher", "api"):
+        raise SmolthinkError("data_source: scripted | teacher | api")
+    shared = stage_shared(cfg)
+    build_config(SFTConfig, [shared, cfg.sft])  # validate the sections now, not an hour later
+    build_config(GRPOConfig, [shared, cfg.grpo])
+    return cfg
+
+
+def stage_shared(cfg: PipelineConfig) -> dict[str, Any]:
+    """Keys the pipeline passes to every stage config."""
+    return {"model": cfg.model, "task": cfg.task, "seed": cfg.seed, "threads": cfg.threads, "eval_n": cfg.eval_n,
+            "eval_max_new_tokens": cfg.eval_max_new_tokens}
