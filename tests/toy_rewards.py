@@ -1,0 +1,12 @@
+"""Toy reward functions for tests (importable as `toy_rewards:...` with tests/ on sys.path)."""
+
+
+def spaces(completion: str, example) -> float:
+    """Dense toy reward: share of characters that are spaces (x5). A tiny random model can raise it quickly by
+    preferring word-initial tokens."""
+    return 5.0 * completion.count(" ") / max(1, len(completion))
+
+
+def raises(completion: str, example) -> float:
+    """A user reward function that always fails: must score 0 and never kill the run."""
+    raise RuntimeError("boom")
