@@ -110,6 +110,60 @@ def cmd_report(args: argparse.Namespace) -> None:
     log.info("wrote %s", write_report(run))
 
 
+def cmd_sft(args: argparse.Namespace) -> None:
+    """Warm-up LoRA SFT on reasoning traces."""
+    from .config import SFTConfig
+    from .train_sft import train_sft
+
+    out, resume = resolve_run_dir(args, "sft")
+    if resume and not args.config and (out / "config.yaml").is_file():
+        args.config = str(out / "config.yaml")
+    cfg = load_stage_config(SFTConfig, args)
+    log.info("run directory: %s", out)
+    train_sft(cfg, out, resume=resume)
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    """Warm-up traces: scripted solvers, a local teacher, or an OpenAI-compatible API teacher."""
+    from .data import make_traces
+    from .tasks import make_examples, parse_tasks
+
+    specs = parse_tasks(args.task)
+    eval_q = [e.question for e in make_examples(specs, args.eval_n, args.seed, "eval", balanced=True)]
+    model = tok = None
+    if args.source == "teacher":
+        from .models import load_model
+
+        model, tok = load_model(args.model)
+    teacher = {k: v for k, v in (("base_url", args.base_url), ("model", args.api_model), ("api_key", None),
+                                  ("concurrency", args.concurrency)) if v is not None}
+    stats = make_traces(args.source, specs, args.n, args.seed, Path(args.out), exclude_questions=eval_q,
+                        model=model, tokenizer=tok, teacher_kwargs=teacher or None)
+    log.info("kept %s of %s traces (rejection rate %.1f%%) -> %s", stats.get("kept"), stats.get("requested"),
+             100 * stats.get("rejection_rate", 0.0), args.out)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """A local OpenAI-compatible server for a model smolthink can load."""
+    from .serve import serve
+
+    serve(args.model, args.host, args.port)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Rollout and GRPO-step benchmark vs HF generate and TRL."""
+    from .bench import main_bench
+
+    main_bench(args.bench_args)
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    """List reasoning-gym tasks."""
+    from .tasks import available_tasks
+
+    print("\n".join(available_tasks()))
+
+
 def add_stage_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by train / sft / pipeline."""
     p.add_argument("--config", default=None, help="YAML config file")
@@ -146,6 +200,36 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="GRPO training (our own loop)")
     add_stage_args(t)
     t.set_defaults(func=cmd_train)
+
+    sf = sub.add_parser("sft", help="warm-up LoRA SFT on reasoning traces")
+    add_stage_args(sf)
+    sf.set_defaults(func=cmd_sft)
+
+    da = sub.add_parser("data", help="write verified warm-up traces (JSONL of chat messages)")
+    da.add_argument("--source", default="scripted", choices=["scripted", "teacher", "api"])
+    da.add_argument("--task", default="syllogism")
+    da.add_argument("--n", type=int, default=400, help="traces to keep")
+    da.add_argument("--out", default="traces.jsonl")
+    da.add_argument("--model", default=None, help="local teacher model (source=teacher)")
+    da.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL)")
+    da.add_argument("--api-model", default=None, help="API model name (or OPENAI_MODEL); key from OPENAI_API_KEY")
+    da.add_argument("--concurrency", type=int, default=None)
+    da.add_argument("--eval-n", type=int, default=400, help="eval questions to exclude (same seed as eval)")
+    da.add_argument("--seed", type=int, default=0)
+    da.set_defaults(func=cmd_data)
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (loopback by default)")
+    sv.add_argument("--model", default=None)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.set_defaults(func=cmd_serve)
+
+    be = sub.add_parser("bench", help="benchmark rollouts and GRPO steps against HF generate and TRL")
+    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help)")
+    be.set_defaults(func=cmd_bench)
+
+    ta = sub.add_parser("tasks", help="list reasoning-gym tasks")
+    ta.set_defaults(func=cmd_tasks)
 
     pl = sub.add_parser("pipeline", help="base eval -> traces -> SFT -> GRPO -> final eval -> report")
     add_stage_args(pl)
