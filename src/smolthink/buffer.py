@@ -1,0 +1,114 @@
+"""Experience storage without padding; random (optionally length-aware) minibatches, re-padded on demand."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Experience:
+    """One scored completion: ids without padding, old per-token log-probs of its completion tokens [Tc]."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    old_logp: Tensor | None
+    advantage: float
+    reward: float
+    parts: dict[str, float] = field(default_factory=dict)
+    truncated: bool = False
+    group: int = 0
+
+
+@dataclass
+class Batch:
+    """A right-padded minibatch. Masks come from the stored lengths, never from the pad id."""
+
+    input_ids: Tensor  # [n, T] prompt + completion, then padding
+    attention_mask: Tensor  # [n, T] 1 on real tokens
+    completion_mask: Tensor  # [n, T] 1 exactly on completion tokens (final EOS included)
+    old_logp: Tensor | None  # [n, T] aligned to input positions, 0 where completion_mask is 0
+    advantages: Tensor  # [n]
+    prompt_lens: list[int]
+    completion_lens: list[int]
+
+    def to(self, device) -> "Batch":
+        """The same batch on another device."""
+        move = lambda t: t.to(device) if t is not None else None
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
+                     move(self.old_logp), move(self.advantages), self.prompt_lens, self.completion_lens)
+
+
+class ExperienceBuffer:
+    """A list of Experience with minibatch sampling and re-padding."""
+
+    def __init__(self) -> None:
+        self.items: list[Experience] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, exp: Experience) -> None:
+        """Store one experience."""
+        self.items.append(exp)
+
+    def extend(self, exps) -> None:
+        """Store several experiences."""
+        self.items.extend(exps)
+
+    def clear(self) -> None:
+        """Drop everything (after the training phase of a fill)."""
+        self.items.clear()
+
+    def seq_len(self, i: int) -> int:
+        """Prompt + completion length of item i."""
+        return len(self.items[i].prompt_ids) + len(self.items[i].completion_ids)
+
+    def minibatches(self, size: int, generator: torch.Generator, group_by_length: bool = False,
+                    window: int = 8) -> Iterator[list[int]]:
+        """Index lists of a random permutation, chunked into minibatches (the last may be smaller).
+
+        group_by_length: within windows of `window` minibatches of the permutation, sort by length before
+        chunking (similar lengths share a minibatch, cutting padding), then shuffle the minibatch order; every
+        item still appears exactly once per pass and membership stays random across windows.
+        """
+        perm = torch.randperm(len(self.items), generator=generator).tolist()
+        if group_by_length:
+            span = size * window
+            perm = [i for s in range(0, len(perm), span) for i in sorted(perm[s : s + span], key=self.seq_len)]
+        chunks = [perm[s : s + size] for s in range(0, len(perm), size)]
+        if group_by_length:
+            order = torch.randperm(len(chunks), generator=generator).tolist()
+            chunks = [chunks[k] for k in order]
+        yield from chunks
+
+    def collate(self, indices: list[int], pad_id: int) -> Batch:
+        """Re-pad the given items into one right-padded Batch."""
+        items = [self.items[i] for i in indices]
+        p_lens = [len(e.prompt_ids) for e in items]
+        c_lens = [len(e.completion_ids) for e in items]
+        width = max(p + c for p, c in zip(p_lens, c_lens))
+        n = len(items)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attn = torch.zeros((n, width), dtype=torch.long)
+        cmask = torch.zeros((n, width), dtype=torch.long)
+        has_old = all(e.old_logp is not None for e in items)
+        old = torch.zeros((n, width), dtype=torch.float32) if has_old else None
+        for r, (e, p, c) in enumerate(zip(items, p_lens, c_lens)):
+            ids[r, : p + c] = torch.tensor(e.prompt_ids + e.completion_ids, dtype=torch.long)
+            attn[r, : p + c] = 1
+            cmask[r, p : p + c] = 1
+            if old is not None:
+                old[r, p : p + c] = e.old_logp.float()
+        adv = torch.tensor([e.advantage for e in items], dtype=torch.float32)
+        return Batch(ids, attn, cmask, old, adv, p_lens, c_lens)
+
+    def state_dict(self) -> dict:
+        """Plain lists/tensors for torch.save (exact resume)."""
+        return {"items": [asdict(e) for e in self.items]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
+        self.items = [Experience(**d) for d in state.get("items", [])]
