@@ -379,7 +379,7 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
             per_step = (time.time() - t_start) / steps_timed
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
                 console.print(step_line(state.step, cfg.max_steps, m, m["perf/step_s"],
-                                        per_step * (cfg.max_steps - state.step)))
+                                        per_step * (cfg.max_steps - state.step)), soft_wrap=True, markup=False)
             if cfg.sample_every and (state.step % cfg.sample_every == 0 or state.step == 1) and rollout_s:
                 write_jsonl(out_dir / "samples" / f"step_{state.step:06d}.jsonl",
                             [{"step": state.step, **s} for s in state.samples])
