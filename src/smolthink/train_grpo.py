@@ -164,13 +164,13 @@ def fill_old_logprobs(ctx: dict, buffer: ExperienceBuffer) -> float:
     order = sorted(range(len(buffer)), key=lambda i: len(buffer.items[i].prompt_ids) + len(buffer.items[i].completion_ids))
     for s in range(0, len(order), cfg.minibatch_size):
         idx = order[s : s + cfg.minibatch_size]
-        batch = buffer.collate(idx, ctx["tok"].pad_token_id)
+        batch = buffer.collate(idx, ctx["tok"].pad_token_id).to(ctx["accelerator"].device)
         logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
                                  temperature=cfg.temperature)
         for row, i in enumerate(idx):
             e = buffer.items[i]
             p = batch.prompt_lens[row]
-            buffer.items[i].old_logp = logp[row, p : p + len(e.completion_ids)].clone()
+            buffer.items[i].old_logp = logp[row, p : p + len(e.completion_ids)].cpu().clone()
     return time.time() - t0
 
 
@@ -184,7 +184,7 @@ def optimizer_step(ctx: dict, buffer: ExperienceBuffer, minibatches: list[list[i
     totals: dict[str, float] = {}
     tokens_seen = 0
     for mb in minibatches:
-        batch = buffer.collate(mb, ctx["tok"].pad_token_id)
+        batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(ctx["accelerator"].device)
         logp, entropy = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
                                        temperature=cfg.temperature, with_entropy=True)
         old = batch.old_logp if batch.old_logp is not None else logp.detach()
@@ -200,7 +200,12 @@ def optimizer_step(ctx: dict, buffer: ExperienceBuffer, minibatches: list[list[i
         weight = batch.completion_mask.sum().item() / max(n_tok, 1)
         totals["loss/total"] = totals.get("loss/total", 0.0) + loss.item()
         for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * weight
+            if k.endswith("/min"):
+                totals[k] = min(totals.get(k, float("inf")), float(v))
+            elif k.endswith("/max"):
+                totals[k] = max(totals.get(k, float("-inf")), float(v))
+            else:
+                totals[k] = totals.get(k, 0.0) + float(v) * weight
         tokens_seen += int(batch.attention_mask.sum())
     grad_norm = clip_and_step(ctx)
     seconds = time.time() - t0
