@@ -381,6 +381,7 @@ _RULE_SAY = {
     "not_imp": ["{0} means the implication fails, so {r}.", "An implication is false only when its condition holds "
                 "and its result fails, so {0} gives {r}."],
 }
+_INFERENCES = ("mp", "mt", "ds", "iff", "not_iff")
 _OPEN_PROP = ["Let me see which rules apply to the premises.", "I'll look for premises that combine.",
               "Let me check which inference rules fit.", "Look for a step that uses the premises."]
 _CLOSE_PROP = ["So we can conclude {c}.", "Therefore {c} follows from the premises.", "This gives the conclusion {c}."]
@@ -415,8 +416,9 @@ def solve_propositional(entry: dict[str, Any], rng: random.Random) -> str | None
                 out.append(rng.choice(_RULE_SAY[facts[g][0]]).format(*map(cite, facts[g][1]), r=show(g)))
         return out
 
-    def key(f: tuple) -> tuple:  # no (A op A) parts, then the shortest proof, then the shortest formula
-        return (_degenerate(f), len(proof(f)), len(show(f)), rng.random())
+    def key(f: tuple) -> tuple:  # no (A op A) parts, a real inference (not just ∧-elimination), short proof
+        real = any(facts[g][0] in _INFERENCES for g in proof(f))
+        return (_degenerate(f), not real, len(proof(f)), len(show(f)), rng.random())
 
     facts_ok = sorted((f for f in facts if not prop_entails([], f)), key=key)  # tautologies say nothing
     derived = [f for f in facts_ok if f not in first]
@@ -426,7 +428,10 @@ def solve_propositional(entry: dict[str, Any], rng: random.Random) -> str | None
         steps += narrate(main)
         answer = main
         if main[0] == "var":  # a lone variable scores as trivial: join it with another fact
-            other = next((g for g in facts_ok if g != main and ("∧", main, g) not in first), None)
+            above = {x for g in proof(main) for x in facts[g][1]}  # what main came from: a poor partner
+            others = [g for g in facts_ok if g != main and ("∧", main, g) not in first]
+            other = min(others, key=lambda g: (g in above, _degenerate(g), len(show(g)) + 4 * len(proof(g))),
+                        default=None)
             if other is None:
                 return None
             answer = ("∧", main, other)
