@@ -67,3 +67,15 @@ def test_strict_match():
 def test_majority_class_open_ended_is_none():
     assert majority_class([str(i) for i in range(20)]) == (None, None)
     assert majority_class(["Yes", "Yes", "No"]) == ("Yes", 2 / 3)
+
+
+def test_mislabelled_syllogisms_are_dropped():
+    """reasoning-gym labels "All S are M, Some M are P => Some S are P" valid (undistributed middle); such
+    items never reach training or eval unless asked for."""
+    from smolthink.solvers import syllogism_verdict
+
+    raw = make_examples(parse_tasks("syllogism"), 300, 0, "eval", check_gold=False)
+    wrong = [e for e in raw if syllogism_verdict(e.entry) != e.entry["metadata"]["is_valid"]]
+    assert len(wrong) > 10  # the generator really does mislabel items
+    clean = make_examples(parse_tasks("syllogism"), 300, 0, "eval")
+    assert all(syllogism_verdict(e.entry) == e.entry["metadata"]["is_valid"] for e in clean)
