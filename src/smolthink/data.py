@@ -1,0 +1,363 @@
+"""Warm-up reasoning traces (`smolthink data`): written by scripted solvers, by a local teacher model shown the
+answer (STaR-style rationalisation), or by an OpenAI-compatible API teacher; every trace is verified (strict
+format + strict correctness, the same scoring the rewards use) before it is kept.
+
+One output format, JSONL loadable with `datasets.load_dataset("json", data_files=...)`:
+    {"id", "task", "question", "answer" (gold, null when a checker verifies), "source": "scripted"|"teacher"|"api",
+     "messages": [{"role": "system", ...}, {"role": "user", "content": question}, {"role": "assistant", ...}]}
+The saved user message is always the plain question: the answer hint a teacher saw is never stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+from urllib.parse import urlparse
+
+from .chat import SYSTEM_PROMPT, build_messages, format_ok
+from .errors import SmolthinkError
+from .log import progress_bar, write_json, write_jsonl
+from .rewards import RewardConfig, score_completions
+from .tasks import TaskSpec, make_examples
+from .types import Example
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("scripted", "teacher", "api")
+HINT = "The correct answer is: {answer}. Explain step by step why, then answer."
+# A rationale that quotes the hint teaches the student to cite a hint it will never see: rejected.
+_HINT_LEAK = re.compile(r"\bhint\b|correct answer is:|\b(?:we are|we were|I am|I was|you are) (?:told|given)\b|"
+                        r"\bthe (?:given|provided|stated) answer\b", re.IGNORECASE)
+REJECT_REASONS = ("no_trace", "format", "wrong", "leaks_hint")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verification
+# ---------------------------------------------------------------------------------------------------------------
+
+def verify(traces: Sequence[str | None], examples: Sequence[Example], scorer, specs: Sequence[TaskSpec],
+           check_hint_leak: bool = False) -> list[str | None]:
+    """Why each trace is rejected, or None when it is kept: "no_trace" (nothing produced), "format" (not the
+    strict `<think> ... </think> <answer> ... </answer>` format), "wrong" (its answer does not score 1.0 under the
+    reward's strict scoring), "leaks_hint" (a hinted teacher's trace that mentions the hint)."""
+    reasons: list[str | None] = [None] * len(traces)
+    todo = []
+    for i, t in enumerate(traces):
+        if not t or not t.strip():
+            reasons[i] = "no_trace"
+        elif not format_ok(t):
+            reasons[i] = "format"
+        elif check_hint_leak and _HINT_LEAK.search(t):
+            reasons[i] = "leaks_hint"
+        else:
+            todo.append(i)
+    if todo:
+        parts = score_completions([traces[i] for i in todo], [examples[i] for i in todo], [0] * len(todo), scorer,
+                                  specs, RewardConfig(), max_tokens=1)
+        for i, p in zip(todo, parts):
+            if p.correct != 1.0 or p.format != 1.0:
+                reasons[i] = "wrong" if p.correct != 1.0 else "format"
+    return reasons
+
+
+def hint_answer(ex: Example) -> str:
+    """The answer a teacher is told: the gold answer, or for checker-verified tasks (gold None, e.g.
+    propositional_logic) one valid answer from the item's metadata."""
+    if ex.answer is not None:
+        return str(ex.answer)
+    meta = ex.entry.get("metadata") or {}
+    if meta.get("example_answer") is not None:
+        return str(meta["example_answer"])
+    raise SmolthinkError(f"task '{ex.task}' has no gold answer and no metadata example_answer to hint with")
+
+
+def hinted_messages(ex: Example) -> list[dict[str, str]]:
+    """System prompt + the question followed by the answer hint (what a teacher sees)."""
+    return build_messages(f"{ex.question}\n\n{HINT.format(answer=hint_answer(ex))}")
+
+
+def trace_row(ex: Example, trace: str, source: str) -> dict[str, Any]:
+    """One output row: the plain question (never the hint) and the verified trace as the assistant turn."""
+    return {"id": ex.id, "task": ex.task, "question": ex.question, "answer": ex.answer, "source": source,
+            "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": ex.question},
+                         {"role": "assistant", "content": trace}]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# candidate generators: examples -> [per example: candidate traces in preference order]
+# ---------------------------------------------------------------------------------------------------------------
+
+def scripted_candidates(examples: Sequence[Example], seed: int, solver: Callable | None = None,
+                        **_: Any) -> tuple[list[list[str | None]], dict[str, Any]]:
+    """One solver trace per example (`solvers.solve(task, entry, rng)`), seeded per question."""
+    solve = solver
+    if solve is None:
+        from . import solvers
+
+        solve = solvers.solve
+        missing = sorted({ex.task for ex in examples} - set(solvers.SUPPORTED_TASKS))
+        if missing:
+            raise SmolthinkError(f"no scripted solver for {', '.join(missing)} (supported: "
+                                 f"{', '.join(sorted(solvers.SUPPORTED_TASKS))}); use --source teacher or api")
+    return [[solve(ex.task, ex.entry, random.Random(f"{seed}-{ex.id}"))] for ex in examples], {}
+
+
+def teacher_candidates(examples: Sequence[Example], seed: int, model=None, tokenizer=None,
+                       samples_per_question: int = 4, temperature: float = 0.8, max_new_tokens: int = 300,
+                       batch_size: int = 8, engine: str = "auto", **_: Any) -> tuple[list[list[str | None]], dict]:
+    """`samples_per_question` samples from a local model prompted with the question and its answer."""
+    from .chat import render_prompt
+    from .models import eos_ids
+    from .rollout import make_engine
+    from .types import SamplingParams
+
+    if model is None or tokenizer is None:
+        raise SmolthinkError("source 'teacher' needs a local model and tokenizer")
+    eng = make_engine(engine, model, eos_ids(tokenizer, model), tokenizer.pad_token_id)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
+    out: list[list[str | None]] = []
+    counters = Counter()
+    with progress_bar("teacher traces", len(examples)) as advance:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            prompts = [render_prompt(tokenizer, hinted_messages(ex)) for ex in batch]
+            rows = eng.generate(model, prompts, samples_per_question, sampling, seed=seed * 7919 + start)
+            for prompt, row in zip(prompts, rows):
+                out.append([tokenizer.decode(r.completion_ids, skip_special_tokens=True).strip() for r in row])
+                counters["prompt_tokens"] += len(prompt) * len(row)
+                counters["completion_tokens"] += sum(len(r.completion_ids) for r in row)
+                counters["truncated"] += sum(r.truncated for r in row)
+            advance(len(batch))
+    return out, {f"teacher_{k}": v for k, v in counters.items()}
+
+
+def _api_settings(teacher_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """base_url / model / api_key from teacher_kwargs, else OPENAI_BASE_URL / OPENAI_MODEL / OPENAI_API_KEY."""
+    kw = dict(teacher_kwargs or {})
+    for key, env in (("base_url", "OPENAI_BASE_URL"), ("model", "OPENAI_MODEL"), ("api_key", "OPENAI_API_KEY")):
+        if not kw.get(key):
+            kw[key] = os.environ.get(env) or None
+    if not kw["base_url"] or not kw["model"]:
+        raise SmolthinkError("source 'api' needs a base URL and a model: pass --base-url/--api-model or set "
+                             "OPENAI_BASE_URL and OPENAI_MODEL (and OPENAI_API_KEY)")
+    if not kw["api_key"] and (urlparse(kw["base_url"]).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
+        raise SmolthinkError(f"no API key for {kw['base_url']}: set OPENAI_API_KEY")  # loopback servers need none
+    return kw
+
+
+def api_candidates(examples: Sequence[Example], seed: int, teacher_kwargs: dict | None = None,
+                   samples_per_question: int = 4, temperature: float = 0.8, max_new_tokens: int = 300,
+                   **_: Any) -> tuple[list[list[str | None]], dict]:
+    """`samples_per_question` samples per question from an OpenAI-compatible API (APITeacher: concurrency,
+    retries, on-disk cache keyed by model + prompt + sampling settings), prompted with the question and its
+    answer. Token counts are summed over every answer used (cached ones included: what the traces cost)."""
+    from .teacher_api import APITeacher
+
+    teacher = APITeacher(**_api_settings(teacher_kwargs))
+    requests = []
+    for k, ex in enumerate(examples):
+        messages = hinted_messages(ex)
+        body = {"messages": messages, "temperature": temperature, "max_tokens": max_new_tokens,
+                "n": samples_per_question, "seed": seed * 1_000_003 + k}
+        ident = json.dumps([teacher.base_url, teacher.model, body], ensure_ascii=False, sort_keys=True)
+        requests.append({"key": hashlib.sha256(ident.encode()).hexdigest()[:40], **body})
+    responses = teacher.complete_many(requests)
+    out: list[list[str | None]] = []
+    usage = Counter()
+    for resp in responses:
+        if not resp:
+            out.append([None])
+            usage["failed_requests"] += 1
+            continue
+        texts = [((c.get("message") or {}).get("content") or "").strip() or None for c in resp.get("choices") or []]
+        out.append(texts or [None])
+        u = resp.get("usage") or {}
+        for k in ("prompt_tokens", "completion_tokens"):
+            if isinstance(u.get(k), int):
+                usage[k] += u[k]
+    extra = {f"teacher_{k}": v for k, v in usage.items()}
+    st = _plain(teacher.stats)
+    extra.update(teacher_cost_usd=st.get("cost_usd", 0.0), teacher_cache_hits=st.get("cache_hits", 0),
+                 teacher_http_requests=st.get("requests", 0), teacher_api_stats=st)
+    return out, extra
+
+
+def _plain(obj: Any) -> Any:
+    """A JSON-able copy of a stats object (dict or dataclass)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj if isinstance(obj, (int, float, str, bool)) or obj is None else str(obj)
+
+
+GENERATORS = {"scripted": scripted_candidates, "teacher": teacher_candidates, "api": api_candidates}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+def stats_path_for(out_path: Path) -> Path:
+    """Where make_traces writes its stats by default: traces.jsonl -> traces.stats.json."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + ".stats.json")
+
+
+def _merge_counters(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """a + b for (nested) numeric counters; other values from b."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge_counters(out[k], v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(out.get(k), (int, float)):
+            out[k] = out[k] + v
+        else:
+            out[k] = v
+    return out
+
+
+def make_traces(source: str, specs: Sequence[TaskSpec], n: int, seed: int, out_path: Path, *,
+                exclude_questions: Iterable[str] = (), model=None, tokenizer=None,
+                teacher_kwargs: dict[str, Any] | None = None, samples_per_question: int = 4,
+                stats_path: Path | None = None, max_new_tokens: int = 300, temperature: float = 0.8,
+                top_up_rounds: int = 3, balanced: bool = True, scorer_timeout: float = 2.0,
+                solver: Callable | None = None) -> dict[str, Any]:
+    """Write up to n verified warm-up traces on train questions (disjoint from `exclude_questions`, e.g. the eval
+    set) to out_path (JSONL) and their stats to stats_path (default <out>.stats.json); returns the stats.
+
+    source: "scripted" (solvers.solve), "teacher" (the local `model`, shown the answer, `samples_per_question`
+    samples at `temperature`, first verified one kept), "api" (the same prompt through APITeacher; settings from
+    teacher_kwargs or OPENAI_BASE_URL / OPENAI_MODEL / OPENAI_API_KEY). `solver` replaces solvers.solve (a seam
+    for tests and custom tasks). Round 0 takes n questions (`tasks.make_examples(specs, n, seed, "train")`, split
+    over the mixture by weight; `balanced`: equal answer classes per task where the task has a small answer set,
+    e.g. syllogism's natural 2:1 Yes:No skew would otherwise teach a Yes prior); each rejected question is counted
+    by reason, and up to `top_up_rounds` further rounds draw fresh questions for each task's shortfall, so the
+    mixture keeps its proportions. Nothing unverified is written.
+    """
+    from .scoring import Scorer
+    from .tasks import split_counts
+
+    if source not in SOURCES:
+        raise SmolthinkError(f"unknown trace source '{source}' (scripted | teacher | api)")
+    if n < 1:
+        raise SmolthinkError("number of traces must be >= 1")
+    out_path = Path(out_path)
+    if source == "api":
+        _api_settings(teacher_kwargs)  # fail before generating any question
+    t0 = time.time()
+    specs = list(specs)
+    target = Counter()
+    for spec, k in zip(specs, split_counts(specs, n)):
+        target[spec.name] += k
+    banned = set(exclude_questions)
+    kwargs: dict[str, Any] = {"model": model, "tokenizer": tokenizer, "samples_per_question": samples_per_question,
+                              "temperature": temperature, "max_new_tokens": max_new_tokens, "solver": solver,
+                              "teacher_kwargs": teacher_kwargs}
+    rows, reasons, extra = [], Counter(), {}
+    by_task: dict[str, Counter] = {name: Counter() for name in target}
+    samples_total = samples_ok = questions = rounds = 0
+    gen_s = 0.0
+    examples = make_examples(specs, n, seed, "train", balanced=balanced, exclude=banned)
+    with Scorer(timeout=scorer_timeout) as scorer:
+        while examples:
+            rounds += 1
+            round_seed = seed + 1000 * (rounds - 1)
+            t_gen = time.time()
+            candidates, more = GENERATORS[source](examples, round_seed, **kwargs)
+            gen_s += time.time() - t_gen
+            extra = _merge_counters(extra, more)
+            # every candidate of every question of the round in one scoring pass
+            flat_ex = [ex for ex, cands in zip(examples, candidates) for _ in cands]
+            flat = [c for cands in candidates for c in cands]
+            verdicts = verify(flat, flat_ex, scorer, specs, check_hint_leak=source != "scripted")
+            pos = 0
+            for ex, cands in zip(examples, candidates):
+                mine = verdicts[pos : pos + len(cands)]
+                pos += len(cands)
+                samples_total += len(cands)
+                samples_ok += sum(v is None for v in mine)
+                questions += 1
+                banned.add(ex.question)
+                counts = by_task[ex.task]
+                counts["questions"] += 1
+                keep = next((c for c, v in zip(cands, mine) if v is None), None)
+                if keep is not None:
+                    rows.append(trace_row(ex, keep, source))
+                    counts["kept"] += 1
+                else:
+                    # a question's reason: the most informative one among its samples (wrong > leak > format > none)
+                    reason = next(r for r in ("wrong", "leaks_hint", "format", "no_trace") if r in mine)
+                    reasons[reason] += 1
+                    counts["rejected"] += 1
+            # ---- top up each task's shortfall with fresh questions ----
+            examples = []
+            if rounds > top_up_rounds:
+                break
+            for spec in specs:
+                short = target[spec.name] - by_task[spec.name]["kept"]
+                if short <= 0 or any(e.task == spec.name for e in examples):
+                    continue
+                try:
+                    examples += make_examples([spec], short, seed + 1000 * rounds, "train", balanced=balanced,
+                                              exclude=banned)
+                except SmolthinkError as e:  # the task ran out of distinct questions
+                    log.warning("no top-up for %s: %s", spec.name, e)
+    write_jsonl(out_path, rows)
+    seconds = time.time() - t0
+    kept = len(rows)
+    stats = {
+        "source": source, "tasks": [s.name for s in specs], "seed": seed, "out": str(out_path),
+        "requested": n, "balanced": balanced, "questions": questions, "rounds": rounds, "kept": kept,
+        "rejected": questions - kept,
+        "rejection_rate": (questions - kept) / max(questions, 1),
+        "rejected_by_reason": {r: reasons.get(r, 0) for r in REJECT_REASONS},
+        "by_task": {t: {"target": target[t], "questions": c["questions"], "kept": c["kept"],
+                        "rejected": c["rejected"], "rejection_rate": c["rejected"] / max(c["questions"], 1)}
+                    for t, c in sorted(by_task.items())},
+        "answer_distribution": dict(Counter(str(r["answer"]) for r in rows).most_common(10)),
+        "samples_per_question": 1 if source == "scripted" else samples_per_question,
+        "samples": samples_total, "samples_verified": samples_ok,
+        "sample_pass_rate": samples_ok / max(samples_total, 1),
+        "seconds": seconds, "generate_s": gen_s, "traces_per_s": kept / max(seconds, 1e-9),
+        **extra,
+    }
+    write_json(Path(stats_path) if stats_path else stats_path_for(out_path), stats)
+    log.info("%s traces: kept %d of %d (%d questions in %d round(s), rejection rate %.1f%%: %s) in %.1fs -> %s",
+             source, kept, n, questions, rounds, 100 * stats["rejection_rate"],
+             ", ".join(f"{k} {v}" for k, v in stats["rejected_by_reason"].items() if v) or "none", seconds, out_path)
+    return stats
+
+
+def load_traces(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a traces JSONL (the format above; only `messages` is required, ending with the assistant turn)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SmolthinkError(f"traces file not found: {path}")
+    rows = []
+    for k, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SmolthinkError(f"{path}:{k}: not JSON ({e.msg})") from None
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs)
+                or msgs[-1].get("role") != "assistant" or msgs[-2].get("role") != "user"):
+            raise SmolthinkError(f"{path}:{k}: expected 'messages' ending with a user then an assistant turn")
+        rows.append(row)
+    if not rows:
+        raise SmolthinkError(f"no traces in {path}")
+    return rows

@@ -1,0 +1,146 @@
+"""Warm-up SFT: loss masks, learning, exact resume through a real SIGTERM, and every artifact of a run."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from smolthink.chat import SYSTEM_PROMPT
+from smolthink.config import SFTConfig, build_config
+from smolthink.train_sft import build_experiences, tokenize_messages, train_sft
+
+FAST = dict(threads=2, eval_n=0, minibatch_size=4, warmup_steps=1, log_every=1, max_length=512)
+
+
+def _syllogism_trace(entry, flip=False):
+    m = entry["metadata"]
+    answer = entry["answer"] if not flip else ("No" if entry["answer"] == "Yes" else "Yes")
+    return (f"<think> Premise 1: {m['premise1']}. Premise 2: {m['premise2']}. The conclusion '{m['conclusion']}' "
+            f"{'follows' if answer == 'Yes' else 'does not follow'}. </think> <answer>{answer}</answer>")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    from smolthink.models import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model(vocab_size=len(tiny_tokenizer)).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    """8 verified syllogism traces (written through make_traces with a template solver)."""
+    from smolthink.data import make_traces
+    from smolthink.tasks import parse_tasks
+
+    path = tmp_path_factory.mktemp("data") / "traces.jsonl"
+    stats = make_traces("scripted", parse_tasks("syllogism"), 8, 0, path,
+                        solver=lambda task, entry, rng: _syllogism_trace(entry))
+    assert stats["kept"] == 8
+    return path
+
+
+def cfg_for(tiny_dir, **kw):
+    return build_config(SFTConfig, [{"model": str(tiny_dir), **FAST, **kw}])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_mask_is_exactly_the_assistant_turn_and_eos(tiny_tokenizer):
+    tok = tiny_tokenizer
+    answer = "<think> All A are B, all B are C, so all A are C. </think> <answer>Yes</answer>"
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Does it follow?"},
+                {"role": "assistant", "content": answer}]
+    prompt, completion = tokenize_messages(tok, messages)
+    assert completion[-1] == tok.eos_token_id == tok.pad_token_id  # pad == eos: masks must come from lengths
+    exps, stats = build_experiences(tok, [{"messages": messages}], max_length=1024)
+    from smolthink.buffer import ExperienceBuffer
+
+    buf = ExperienceBuffer()
+    buf.extend(exps + exps[:1])
+    buf.items[1] = type(exps[0])(prompt_ids=prompt + [5, 6, 7], completion_ids=completion, old_logp=None,
+                                 advantage=0.0, reward=0.0)  # a longer row so row 0 gets padded
+    batch = buf.collate([0, 1], tok.pad_token_id)
+    row = batch.input_ids[0]
+    assert int(batch.attention_mask[0].sum()) == len(prompt) + len(completion) < batch.input_ids.shape[1]
+    on = batch.completion_mask[0].bool()
+    assert tok.decode(row[on]) == answer + "<|im_end|>"
+    assert tok.decode(row[: len(prompt)]).endswith("<|im_start|>assistant\n")
+    assert not on[: len(prompt)].any() and not on[len(prompt) + len(completion):].any()  # padding (== eos) off
+    # too-long sequences are dropped and counted; held-out questions are dropped and counted
+    _, s = build_experiences(tok, [{"messages": messages}], max_length=len(prompt) + len(completion) - 1)
+    assert s["used"] == 0 and s["dropped_too_long"] == 1
+    _, s = build_experiences(tok, [{"messages": messages}], max_length=1024, exclude_questions=["Does it follow?"])
+    assert s["used"] == 0 and s["dropped_eval_overlap"] == 1
+
+
+def test_sft_lowers_the_loss_on_its_data(tmp_path, tiny_dir, traces):
+    out = tmp_path / "run"
+    train_sft(cfg_for(tiny_dir, num_epochs=4, learning_rate=1e-2, use_lora=False, lr_scheduler_type="constant"),
+              out, traces_path=traces)
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    losses = [r["loss/sft"] for r in rows]
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2  # the same 8 traces in both epochs
+    assert last < first - 1.0, losses
+    for key in ("loss/sft", "lr", "grad_norm", "perf/train_s", "perf/train_tok_s", "perf/peak_rss_gb", "epoch"):
+        assert key in rows[0]
+
+
+def test_resume_after_sigterm_is_exact(tmp_path, tiny_dir, traces):
+    """4 steps straight == SIGTERM after step 2 (graceful stop + checkpoint), then resume for 2 (cosine lr,
+    warm-up, gradient accumulation and an epoch boundary in between)."""
+    cfg = cfg_for(tiny_dir, max_steps=4, minibatch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3)
+    straight, split = tmp_path / "a", tmp_path / "b"
+    train_sft(cfg, straight, traces_path=traces)
+
+    def sigterm_at_2(step, m):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert train_sft(cfg, split, traces_path=traces, on_step=sigterm_at_2) is None
+    assert (split / "checkpoints" / "step_000002").is_dir() and not (split / "DONE").exists()
+    assert train_sft(cfg, split, resume=True, traces_path=traces) is not None
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in rows]
+    a, b = strip(metrics(straight)), strip(metrics(split))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss/sft"] for r in a] == [r["loss/sft"] for r in b]
+    assert a == b
+
+
+def test_smoke_writes_every_artifact(tmp_path, tiny_dir, monkeypatch):
+    """No data given: scripted traces are generated first (eval questions excluded), then 2 steps with eval."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from smolthink.cli import main
+    from smolthink.models import load_model
+
+    out = tmp_path / "run"
+    args = ["sft", "--model", str(tiny_dir), "--out", str(out)]
+    for s in ["max_steps=2", "num_traces=6", "eval_n=2", "eval_max_new_tokens=4", "minibatch_size=3", "threads=2"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    for p in ("config.yaml", "metrics.jsonl", "traces.jsonl", "data_stats.json", "eval/step_000000.json",
+              "eval/step_000000.completions.jsonl", "eval/step_000002.json", "checkpoints/step_000002/state.json",
+              "final/adapter/adapter_config.json", "final/merged/config.json", "DONE"):
+        assert (out / p).exists(), p
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert json.loads((out / "eval" / "step_000002.json").read_text())["n"] == 2
+    trained = {json.loads(line)["question"] for line in (out / "traces.jsonl").read_text().splitlines()}
+    assert len(trained) == 6
+    eval_q = {json.loads(line)["question"] for line in
+              (out / "eval" / "step_000000.completions.jsonl").read_text().splitlines()}
+    assert not trained & eval_q
+    assert "traces.jsonl" in (out / "config.yaml").read_text()  # a resume finds the same data
+    model, _ = load_model(str(out / "final" / "merged"))  # what `smolthink train --model <dir>` loads
+    assert model.config.vocab_size > 0
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out / "final" / "adapter")
+    # an existing run is not overwritten by accident
+    assert main(["sft", "--model", str(tiny_dir), "--out", str(out)]) == 2
