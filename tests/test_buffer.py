@@ -1,3 +1,6 @@
+import io
+
+import pytest
 import torch
 
 from smolthink.buffer import Experience, ExperienceBuffer
@@ -64,3 +67,60 @@ def test_state_dict_round_trip():
     assert len(other) == 4
     assert other.items[2].completion_ids == buf.items[2].completion_ids
     assert torch.equal(other.items[0].old_logp, buf.items[0].old_logp)
+
+
+def test_old_logp_none_mixed_and_length_checks():
+    buf, _ = make_buffer()
+    for e in buf.items:
+        e.old_logp = None
+    assert buf.collate([0, 1], pad_id=EOS).old_logp is None
+    buf.items[0].old_logp = torch.zeros(3)
+    with pytest.raises(ValueError):
+        buf.collate([0, 1], pad_id=EOS)  # one item has old_logp, the other not
+    buf.items[1].old_logp = torch.zeros(5)  # completion has 1 token
+    with pytest.raises(ValueError):
+        buf.collate([0, 1], pad_id=EOS)
+    with pytest.raises(ValueError):
+        buf.collate([], pad_id=EOS)
+
+
+def test_collate_feeds_token_logprobs_shapes():
+    buf, data = make_buffer()
+    b = buf.collate([3, 0], pad_id=0)  # another pad id: same masks
+    assert b.prompt_lens == [4, 3] and b.completion_lens == [1, 3]
+    assert b.completion_mask.sum(1).tolist() == [1, 3]
+    assert b.attention_mask.sum(1).tolist() == [5, 6]
+    assert b.input_ids[0].tolist() == [7, 7, 7, 7, EOS, 0]
+    assert b.advantages.dtype == torch.float32 and b.input_ids.dtype == torch.long
+
+
+def test_state_dict_saves_with_weights_only_and_is_a_copy():
+    buf, data = make_buffer()
+    buf.items[1].parts = {"correct": 1.0, "format": 0.0}
+    state = buf.state_dict()
+    blob = io.BytesIO()
+    torch.save(state, blob)
+    blob.seek(0)
+    loaded = torch.load(blob, weights_only=True)
+    other = ExperienceBuffer()
+    other.load_state_dict(loaded)
+    buf.items[0].completion_ids.append(99)  # later changes do not leak into the saved state
+    assert state["items"][0]["completion_ids"] == [8, 9, EOS]
+    for a, b in zip(other.items, make_buffer()[0].items):
+        assert (a.prompt_ids, a.completion_ids, a.advantage, a.reward, a.truncated, a.group) == \
+            (b.prompt_ids, b.completion_ids, b.advantage, b.reward, b.truncated, b.group)
+        assert torch.equal(a.old_logp, b.old_logp)
+    assert other.items[1].parts == {"correct": 1.0, "format": 0.0}
+    # a resumed buffer yields the same minibatches and batches
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    mb1, mb2 = list(make_buffer()[0].minibatches(3, g1)), list(other.minibatches(3, g2))
+    assert mb1 == mb2
+    assert torch.equal(make_buffer()[0].collate(mb1[0], EOS).input_ids, other.collate(mb2[0], EOS).input_ids)
+
+
+def test_clear_and_bad_sizes():
+    buf, _ = make_buffer()
+    with pytest.raises(ValueError):
+        list(buf.minibatches(0, torch.Generator()))
+    buf.clear()
+    assert len(buf) == 0 and list(buf.minibatches(4, torch.Generator())) == []

@@ -1,56 +1,126 @@
+"""Chunked completion-only log-probs against a naive full-logits log_softmax, plain and through peft LoRA."""
+import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from smolthink.logprobs import token_logprobs
-from smolthink.models import attach_lora, tiny_model
+from smolthink.logprobs import split_body_head, token_logprobs
+
+EOS = 2  # pad id == eos id, as in SmolLM2
 
 
-def naive(model, ids, attn, temperature=1.0):
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      pad_token_id=EOS, eos_token_id=EOS, bos_token_id=1)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_lora():
+    model = get_peft_model(tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
+    with torch.no_grad():  # lora_B starts at 0; make the adapter change the outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def naive(model, ids, attn, comp, temperature=1.0):
+    """Full [N, T, V] logits -> (logp, entropy) [N, T], zero off the completion and at t = 0."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float() / temperature
-    lp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)
-    return torch.cat([torch.zeros(ids.shape[0], 1), lp], dim=1)
+    logsm = torch.log_softmax(logits[:, :-1], -1)  # predicts tokens 1..T-1
+    lp = logsm.gather(2, ids[:, 1:, None]).squeeze(2)
+    ent = -(logsm.exp() * logsm).sum(-1)
+    pad = torch.zeros(ids.shape[0], 1)
+    keep = comp.bool().clone()
+    keep[:, 0] = False
+    lp, ent = torch.cat([pad, lp], 1), torch.cat([pad, ent], 1)
+    return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
 
 
 def batch():
-    ids = torch.tensor([[1, 5, 9, 13, 2, 2], [1, 7, 8, 2, 2, 2]])
-    attn = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
-    comp = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]])  # includes each row's real EOS
+    """Right-padded with pad == EOS; each row's real final EOS is inside the completion mask."""
+    ids = torch.tensor([[1, 5, 9, 13, 30, EOS, EOS, EOS], [1, 7, 8, EOS, EOS, EOS, EOS, EOS],
+                        [1, 4, 4, 11, 12, 40, 50, EOS]])
+    attn = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0], [1] * 8])
+    comp = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]])
     return ids, attn, comp
 
 
-def test_matches_naive_full_logits_with_temperature_and_chunks():
-    model = tiny_model()
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_naive_full_logits(temperature):
+    model = tiny()
     ids, attn, comp = batch()
-    for temp in (1.0, 0.7):
-        want = naive(model, ids, attn, temp) * comp
-        got, ent = token_logprobs(model, ids, attn, comp, temperature=temp, chunk_size=2, with_entropy=True)
-        assert torch.allclose(got, want, atol=1e-5)
-        assert (got[comp == 0] == 0).all() and (ent[comp == 1] > 0).all()
+    want_lp, want_ent = naive(model, ids, attn, comp, temperature)
+    for chunk in (1, 3, 1024):
+        lp, ent = token_logprobs(model, ids, attn, comp, temperature=temperature, chunk_size=chunk,
+                                 with_entropy=True)
+        assert lp.dtype == torch.float32 and lp.shape == ids.shape
+        assert torch.allclose(lp, want_lp, atol=1e-5) and torch.allclose(ent, want_ent, atol=1e-5)
+        assert (lp[comp == 0] == 0).all() and (ent[comp == 0] == 0).all()
+        assert (lp[comp == 1] < 0).all() and (ent[comp == 1] > 0).all()
+    lp, none = token_logprobs(model, ids, attn, comp, temperature=temperature)
+    assert none is None and torch.allclose(lp, want_lp, atol=1e-5)
 
 
-def test_no_grad_equals_grad_path_exactly_and_grads_flow():
-    model = attach_lora(tiny_model(), r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+def test_gradients_match_naive():
+    model = tiny()
+    ids, attn, comp = batch()
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
+    params = [p for p in model.parameters()]
+
+    lp, ent = token_logprobs(model, ids, attn, comp, temperature=0.8, chunk_size=2, with_entropy=True)
+    got = torch.autograd.grad((lp * weights).sum() + ent.sum(), params)
+    want_lp, want_ent = naive(model, ids, attn, comp, 0.8)
+    want = torch.autograd.grad((want_lp * weights).sum() + want_ent.sum(), params)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_peft_lora_path_matches_naive_grad_and_no_grad_identical():
+    model = tiny_lora()
+    body, head = split_body_head(model)
+    assert type(body).__name__ == "LlamaModel" and head is model.get_base_model().lm_head
     ids, attn, comp = batch()
     with torch.no_grad():
-        old, _ = token_logprobs(model, ids, attn, comp)
-    new, _ = token_logprobs(model, ids, attn, comp)
-    assert torch.equal(old, new)  # the importance ratio is exactly 1 before any update
+        old, _ = token_logprobs(model, ids, attn, comp, chunk_size=4)
+        with model.disable_adapter():
+            base, _ = token_logprobs(model, ids, attn, comp, chunk_size=4)
+            base_naive, _ = naive(model, ids, attn, comp)
+    new, _ = token_logprobs(model, ids, attn, comp, chunk_size=4)
+    assert torch.equal(old, new)  # identical numerics with and without grad: ratio exactly 1
+    assert torch.allclose(new.detach(), naive(model, ids, attn, comp)[0], atol=1e-5)
+    assert torch.allclose(base, base_naive, atol=1e-5)
+    assert (base - old).abs().max() > 1e-3  # the adapter is really part of the body
     new.sum().backward()
-    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
-    assert all(g is not None and g.abs().sum() > 0 for g in grads)
-    assert torch.allclose(new.detach(), naive(model, ids, attn) * comp, atol=1e-5)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, _ in trainable)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable)
 
 
 def test_left_padding_gives_same_values():
-    model = tiny_model()
+    model = tiny()
     ids, attn, comp = batch()
     right, _ = token_logprobs(model, ids[1:2, :4], attn[1:2, :4], comp[1:2, :4])
-    left_ids = torch.tensor([[2, 2, 1, 7, 8, 2]])
+    left_ids = torch.tensor([[EOS, EOS, 1, 7, 8, EOS]])
     left_attn = torch.tensor([[0, 0, 1, 1, 1, 1]])
     left_comp = torch.tensor([[0, 0, 0, 0, 1, 1]])
     left, _ = token_logprobs(model, left_ids, left_attn, left_comp)
     assert torch.allclose(left[0, 4:], right[0, 2:4], atol=1e-5)
+    assert (left[0, :4] == 0).all()
+    # and a row alone equals the same row inside a padded batch
+    alone, _ = token_logprobs(model, ids[1:2, :4], attn[1:2, :4], comp[1:2, :4])
+    full, _ = token_logprobs(model, ids, attn, comp)
+    assert torch.allclose(full[1, :4], alone[0], atol=1e-5)
+
+
+def test_empty_completion_mask_and_bad_chunk():
+    model = tiny()
+    ids, attn, comp = batch()
+    lp, ent = token_logprobs(model, ids, attn, torch.zeros_like(comp), with_entropy=True)
+    assert (lp == 0).all() and (ent == 0).all()
+    with pytest.raises(ValueError):
+        token_logprobs(model, ids, attn, comp, chunk_size=0)

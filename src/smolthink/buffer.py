@@ -1,6 +1,7 @@
 """Experience storage without padding; random (optionally length-aware) minibatches, re-padded on demand."""
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -10,7 +11,9 @@ from torch import Tensor
 
 @dataclass
 class Experience:
-    """One scored completion: ids without padding, old per-token log-probs of its completion tokens [Tc]."""
+    """One scored completion, unpadded. old_logp [Tc] (Tc = len(completion_ids)): old_logp[j] is the sampling
+    policy's log p(completion_ids[j] | prompt_ids + completion_ids[:j]), or None until computed. completion_ids
+    end with EOS unless truncated. group: id of the question group the advantage was computed in."""
 
     prompt_ids: list[int]
     completion_ids: list[int]
@@ -24,12 +27,13 @@ class Experience:
 
 @dataclass
 class Batch:
-    """A right-padded minibatch. Masks come from the stored lengths, never from the pad id."""
+    """A right-padded minibatch of n items, T = longest prompt + completion. Masks come from the stored
+    lengths, never from the pad id (SmolLM2's pad id is its EOS id)."""
 
     input_ids: Tensor  # [n, T] prompt + completion, then padding
     attention_mask: Tensor  # [n, T] 1 on real tokens
     completion_mask: Tensor  # [n, T] 1 exactly on completion tokens (final EOS included)
-    old_logp: Tensor | None  # [n, T] aligned to input positions, 0 where completion_mask is 0
+    old_logp: Tensor | None  # [n, T] float32; [r, t] is the old log-prob of input_ids[r, t]; 0 off completion
     advantages: Tensor  # [n]
     prompt_lens: list[int]
     completion_lens: list[int]
@@ -74,6 +78,8 @@ class ExperienceBuffer:
         chunking (similar lengths share a minibatch, cutting padding), then shuffle the minibatch order; every
         item still appears exactly once per pass and membership stays random across windows.
         """
+        if size < 1 or window < 1:
+            raise ValueError(f"size and window must be >= 1, got {size}, {window}")
         perm = torch.randperm(len(self.items), generator=generator).tolist()
         if group_by_length:
             span = size * window
@@ -85,7 +91,12 @@ class ExperienceBuffer:
         yield from chunks
 
     def collate(self, indices: list[int], pad_id: int) -> Batch:
-        """Re-pad the given items into one right-padded Batch."""
+        """Re-pad the given items into one right-padded Batch (see Batch); T = longest prompt + completion.
+
+        Masks are built from the stored lengths, so a pad id equal to EOS never drops a real EOS. old_logp is
+        returned when every item has it (None when none has; a mix is an error)."""
+        if not indices:
+            raise ValueError("collate needs at least one index")
         items = [self.items[i] for i in indices]
         p_lens = [len(e.prompt_ids) for e in items]
         c_lens = [len(e.completion_ids) for e in items]
@@ -94,21 +105,28 @@ class ExperienceBuffer:
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         attn = torch.zeros((n, width), dtype=torch.long)
         cmask = torch.zeros((n, width), dtype=torch.long)
-        has_old = all(e.old_logp is not None for e in items)
+        n_old = sum(e.old_logp is not None for e in items)
+        if 0 < n_old < len(items):
+            raise ValueError(f"{len(items) - n_old} of {len(items)} items lack old_logp")
+        has_old = n_old == len(items)
         old = torch.zeros((n, width), dtype=torch.float32) if has_old else None
         for r, (e, p, c) in enumerate(zip(items, p_lens, c_lens)):
             ids[r, : p + c] = torch.tensor(e.prompt_ids + e.completion_ids, dtype=torch.long)
             attn[r, : p + c] = 1
             cmask[r, p : p + c] = 1
             if old is not None:
-                old[r, p : p + c] = e.old_logp.float()
+                if e.old_logp.shape != (c,):
+                    raise ValueError(f"old_logp of item {indices[r]} has shape {tuple(e.old_logp.shape)}, "
+                                     f"expected ({c},)")
+                old[r, p : p + c] = e.old_logp.detach().float().cpu()
         adv = torch.tensor([e.advantage for e in items], dtype=torch.float32)
         return Batch(ids, attn, cmask, old, adv, p_lens, c_lens)
 
     def state_dict(self) -> dict:
-        """Plain lists/tensors for torch.save (exact resume)."""
+        """{"items": [one dict of plain lists / floats / tensors per Experience]}, torch.save-able (loads with
+        weights_only=True); a deep copy, so later changes to the buffer do not alter it (exact resume)."""
         return {"items": [asdict(e) for e in self.items]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned."""
-        self.items = [Experience(**d) for d in state.get("items", [])]
+        """Restore what state_dict() returned (copies it, so the buffer and `state` stay independent)."""
+        self.items = [Experience(**copy.deepcopy(d)) for d in state.get("items", [])]
