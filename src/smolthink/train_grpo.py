@@ -20,15 +20,15 @@ from .chat import template_prefill
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, save_config
 from .errors import SmolthinkError
-from .evaluate import evaluate
 from .grpo import group_advantages, policy_loss, zero_std_groups
-from .log import MetricsWriter, console, eval_table, step_line, write_json, write_jsonl
+from .log import MetricsWriter, console, eval_table, step_line, write_jsonl
 from .logprobs import token_logprobs
 from .models import eos_ids, save_final
 from .rewards import RewardConfig, load_functions, score_completions
 from .rollout import make_engine
 from .runtime import (load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads)
 from .scoring import Scorer
+from .stage import eval_metrics, eval_to_dir
 from .tasks import parse_tasks, train_eval_split
 from .types import SamplingParams
 
@@ -250,22 +250,10 @@ def reference_logprobs(ctx: dict, batch) -> torch.Tensor:
 def run_eval(ctx: dict, out_dir: Path, step: int) -> dict[str, Any]:
     """Greedy eval on the held-out set -> eval/step_XXXXXX.json (+ completions)."""
     cfg = ctx["cfg"]
-    sampling = SamplingParams(cfg.eval_max_new_tokens or cfg.max_completion_length, 0.0, 1.0)
-    summary, records = evaluate(ctx["model"], ctx["tok"], ctx["engine"], ctx["eval"], ctx["eval_prompts"],
-                                ctx["scorer"], ctx["specs"], sampling, reward_cfg=ctx["reward_cfg"],
-                                prefill=ctx["prefill"], seed=cfg.seed)
-    summary.update(step=step, model=cfg.model or "embedded", task=str(cfg.task))
-    write_json(out_dir / "eval" / f"step_{step:06d}.json", summary)
-    write_jsonl(out_dir / "eval" / f"step_{step:06d}.completions.jsonl", records)
-    lo, hi = summary["accuracy_ci95"]
-    log.info("eval @ step %d: accuracy %.3f [%.3f, %.3f], balanced %s, format %.3f, majority baseline %s",
-             step, summary["accuracy"], lo, hi, _f(summary["balanced_accuracy"]), summary["format_rate"],
-             _f(summary["majority_baseline"]))
-    return summary
-
-
-def _f(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+    return eval_to_dir(ctx["model"], ctx["tok"], ctx["engine"], ctx["eval"], ctx["eval_prompts"], ctx["scorer"],
+                       ctx["specs"], out_dir, step, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length,
+                       model_name=cfg.model or "embedded", task=str(cfg.task), reward_cfg=ctx["reward_cfg"],
+                       prefill=ctx["prefill"], seed=cfg.seed)
 
 
 def setup(cfg: GRPOConfig, out_dir: Path) -> dict[str, Any]:
@@ -376,9 +364,7 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
             m = {**state.fill_stats, **step_stats, "perf/rollout_s": rollout_s,
                  "perf/peak_rss_gb": peak_rss_gb(), "perf/step_s": time.time() - t_step}
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps and cfg.eval_n:
-                ev = run_eval(ctx, out_dir, state.step)
-                m.update({"eval/accuracy": ev["accuracy"], "eval/format_rate": ev["format_rate"],
-                          "eval/balanced_accuracy": ev["balanced_accuracy"]})
+                m.update(eval_metrics(run_eval(ctx, out_dir, state.step)))
             metrics.write(state.step, m)
             steps_timed += 1
             per_step = (time.time() - t_start) / steps_timed
