@@ -144,3 +144,25 @@ def test_smoke_writes_every_artifact(tmp_path, tiny_dir, monkeypatch):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out / "final" / "adapter")
     # an existing run is not overwritten by accident
     assert main(["sft", "--model", str(tiny_dir), "--out", str(out)]) == 2
+
+
+def test_accumulated_gradient_equals_the_big_batch(tiny_lm, tiny_tokenizer, traces):
+    """Loss normalised by the whole step's assistant tokens: 2 micro-batches of 2 == 1 batch of 4 (gradients)."""
+    from smolthink.buffer import ExperienceBuffer
+    from smolthink.data import load_traces
+    from smolthink.train_sft import sft_loss
+
+    exps, _ = build_experiences(tiny_tokenizer, load_traces(traces)[:4], max_length=1024)
+    buf = ExperienceBuffer()
+    buf.extend(exps)
+    n_tok = sum(len(e.completion_ids) for e in exps)
+    params = [p for p in tiny_lm.parameters() if p.requires_grad]
+
+    def grads(groups):
+        tiny_lm.zero_grad(set_to_none=True)
+        for g in groups:
+            sft_loss(tiny_lm, buf.collate(g, tiny_tokenizer.pad_token_id), n_tok)[0].backward()
+        return [p.grad.clone() for p in params]
+
+    big, small = grads([[0, 1, 2, 3]]), grads([[0, 1], [2, 3]])
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(big, small))
