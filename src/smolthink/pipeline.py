@@ -49,7 +49,7 @@ def base_eval(cfg: PipelineConfig, run: Path) -> None:
     engine = make_engine("auto", model, eos_ids(tok, model), tok.pad_token_id)
     with Scorer() as scorer, progress_bar("base eval", len(examples)) as advance:
         summary, records = evaluate(model, tok, engine, examples, render_prompts(tok, examples), scorer, specs,
-                                    SamplingParams(cfg.eval_max_new_tokens, 0.0, 1.0), seed=cfg.seed,
+                                    SamplingParams(cfg.eval_max_new_tokens, 0.0, 1.0), seed=cfg.seed, batch_size=64,
                                     prefill=template_prefill(tok), progress=advance)
     summary.update(step=0, model=cfg.model or "embedded", task=str(cfg.task), stage="base")
     write_json(run / "base_eval" / "eval.json", summary)

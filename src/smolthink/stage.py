@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def eval_to_dir(model, tokenizer, engine, examples: Sequence[Example], prompts: Sequence[list[int]], scorer,
                 specs: Sequence[TaskSpec], out_dir: Path, step: int, *, max_new_tokens: int, model_name: str,
                 task: str, reward_cfg: RewardConfig | None = None, prefill: str = "", seed: int = 0,
-                batch_size: int = 16) -> dict[str, Any]:
+                batch_size: int = 64) -> dict[str, Any]:
     """Greedy eval on the held-out set -> <out_dir>/eval/step_XXXXXX.json (summary) and
     step_XXXXXX.completions.jsonl (every prompt/completion/score); logs one line and returns the summary."""
     sampling = SamplingParams(max_new_tokens, 0.0, 1.0)

@@ -1,0 +1,52 @@
+"""A tiny-model pipeline run produces every artifact, a report with its sections and plots, and skips finished
+stages on rerun."""
+import json
+
+import pytest
+
+from smolthink.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    from smolthink.models import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model(vocab_size=len(tiny_tokenizer)).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+SETS = ["eval_n=4", "eval_max_new_tokens=8", "num_traces=8", "threads=2",
+        "sft.max_steps=2", "sft.minibatch_size=4", "sft.warmup_steps=0",
+        "grpo.max_steps=2", "grpo.max_completion_length=8", "grpo.prompts_per_rollout=2", "grpo.num_generations=2",
+        "grpo.buffer_size=4", "grpo.minibatch_size=4", "grpo.gradient_accumulation_steps=1", "grpo.train_size=32",
+        "grpo.engine=hf"]
+
+
+def test_pipeline_smoke_and_stage_skipping(tmp_path, tiny_dir):
+    run = tmp_path / "run"
+    args = ["pipeline", "--model", str(tiny_dir), "--out", str(run)]
+    for s in SETS:
+        args += ["--set", s]
+    assert main(args) == 0
+    for stage in ("base_eval", "data", "sft", "grpo", "final_eval", "report"):
+        assert (run / stage / "DONE").is_file(), stage
+    assert json.loads((run / "base_eval" / "eval.json").read_text())["n"] == 4
+    assert (run / "data" / "traces.jsonl").stat().st_size > 0
+    assert (run / "sft" / "final" / "merged" / "config.json").is_file()
+    assert (run / "grpo" / "final" / "adapter" / "adapter_config.json").is_file()
+    final = json.loads((run / "final_eval" / "eval.json").read_text())
+    assert final["stage"] == "final" and final["n"] == 4
+    timings = json.loads((run / "timings.json").read_text())
+    assert set(timings) == {"base_eval", "data", "sft", "grpo", "final_eval", "report"}
+    report = (run / "report.md").read_text()
+    for section in ("base", "sft", "final", "majority"):
+        assert section in report.lower(), section
+    pngs = list((run / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    # a rerun skips every finished stage: nothing is rewritten
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "pipeline.yaml"}
+    assert main(["pipeline", "--out", str(run)]) == 0
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "pipeline.yaml"}
+    assert after == before
