@@ -148,6 +148,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
         ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    device = device or ("cuda" if torch.cuda.is_available() else None)  # the GPU when there is one
     if device:
         model.to(device)
     model.config.use_cache = True

@@ -121,7 +121,7 @@ def optimizer_step(ctx: dict, minibatches: list[list[int]]) -> dict[str, float]:
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
     loss_sum, tokens_seen = 0.0, 0
     for mb in minibatches:
-        batch = buffer.collate(mb, ctx["tok"].pad_token_id)
+        batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(next(model.parameters()).device)
         loss, _ = sft_loss(model, batch, n_tok)
         loss.backward()
         loss_sum += loss.item()

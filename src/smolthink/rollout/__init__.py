@@ -10,7 +10,8 @@ def make_engine(name: str, model, eos_ids, pad_id: int):
     """Engine by name: "hf", "fast", or "auto" (fast when the architecture is supported, else hf)."""
     from .hf import HFEngine
 
-    if name == "hf":
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if name == "hf" or (name == "auto" and not on_cpu):  # the fast engine is a CPU engine
         return HFEngine(eos_ids, pad_id)
     try:
         from .fast import FastEngine

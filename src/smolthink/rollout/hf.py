@@ -51,9 +51,10 @@ class HFEngine:
         )
         was_training = model.training
         model.eval()
+        device = next(model.parameters()).device
         seqs = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=n,
             eos_token_id=sorted(self.eos_ids),
