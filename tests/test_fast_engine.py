@@ -121,9 +121,25 @@ def test_decode_step_logits_match_hf_with_shared_prefix_and_masked_rows(onednn):
     for t in range(steps):
         tok = torch.tensor([f[len(s) + t] for f, s in zip(full, seqs)])
         pos = torch.tensor([len(s) + t for s in seqs])
-        got = decode_step(w, tok, pos, prefix, cache, ws + t, 0, torch.nn.functional.pad(bias, (0, t + 1)))
+        got = decode_step(w, tok, pos, prefix, cache, ws + t, ws + t + 1, torch.nn.functional.pad(bias, (0, t + 1)))
         for i, s in enumerate(seqs):
             torch.testing.assert_close(got[i], want[i][len(s) + t], atol=1e-4, rtol=1e-4)
+    # the same rows left-aligned, each writing its own column (the engine's layout), one more step
+    left = torch.zeros(*cache.shape[:4], ws + steps + 1, cache.shape[5])
+    cols = []
+    for i, st in enumerate(start):
+        n_i = ws + steps - st
+        left[:, :, i, :, :n_i] = cache[:, :, i, :, st: ws + steps]
+        cols.append(n_i)
+    full2 = [f + [11 + i] for i, f in enumerate(full)]
+    want2 = hf_last_logits(model, full2)
+    col = torch.tensor(cols)
+    mask = torch.zeros(B, max(cols) + 1).masked_fill_(torch.arange(max(cols) + 1)[None, :] > col[:, None],
+                                                       float("-inf"))
+    got = decode_step(w, torch.tensor([f[-1] for f in full2]), torch.tensor([len(f) - 1 for f in full2]), prefix,
+                      left, col, max(cols) + 1, mask)
+    for i in range(B):
+        torch.testing.assert_close(got[i], want2[i][-1], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["rope_linear", "rope_llama3", "qwen2", "mistral"])
@@ -159,7 +175,7 @@ def test_other_llama_like_configs_match_hf_logits(arch):
 # greedy tokens
 
 
-@pytest.mark.parametrize("onednn,max_rows", [(True, 64), (False, 64), (True, 4)])
+@pytest.mark.parametrize("onednn,max_rows", [(True, 64), (False, 64), (True, 4), (True, 7)])
 def test_greedy_equals_hf_with_mixed_lengths_n_samples_and_eos(onednn, max_rows):
     model = tiny()
     prompts = chat_like_prompts()

@@ -2,18 +2,22 @@
 
 Why it is faster than `model.generate` on a small CPU (numbers in benchmarks/README.md):
 
-* prefill once: the prefix common to every prompt of the call (system prompt + chat template) is run once, each
-  prompt's remaining tokens once, and the resulting KV cache is copied into the n sample rows;
-* a preallocated KV cache written in place, one column per step (prompts are right-aligned, so all live rows
-  write the same column); no per-step re-copy of the cache;
-* finished rows leave the batch at once: a dead row is overwritten by a live row from the end of the batch
-  (swap-compaction, O(rows moved), not O(batch)), so compute follows the live rows;
+* prefill once: the prefix common to every prompt of the call (system prompt + chat template) is run once and
+  its K/V shared by every row (attended with one GEMM for all rows, not copied per row); each prompt's own
+  tokens are run once and their K/V copied into its n sample rows;
+* a preallocated KV cache written in place, one column per row per step (no per-step re-copy of the cache);
+* continuous batching over a fixed pool of `max_rows` slots: a finished row leaves the batch at once (a live row
+  from the end of the batch moves into its slot: O(rows moved), not O(batch)), and when enough slots are free
+  the next prompts of the call are prefilled and admitted, so compute follows the live rows and, with more
+  prompts than fit, the pool stays full until the prompts run out (memory is bounded by the pool);
 * linear layers go through oneDNN with pre-packed weights when available (2-2.5x MKL's fp32 GEMM at 48 rows on
-  AVX-512 CPUs; same fp32 arithmetic, different summation order), else `F.linear`; q/k/v and gate/up are fused;
+  this AVX-512 CPU; same fp32 arithmetic, different summation order), else `F.linear`; q/k/v are fused, the
+  residual adds and silu(gate) * up ride in oneDNN's fused epilogues; the attention scaling is folded into the q
+  rows and RoPE is one complex multiply (q/k rows re-ordered to interleaved pairs; exact re-arrangements);
 * top-p without a full-vocabulary sort: `topk(k)` pre-cut, widened (k x 4, up to the full vocabulary) for the rows
   whose top-k mass is below top_p, which keeps exactly the same token set as the full sort (see `top_p_filter`);
-* its own `torch.Generator` (the global RNG is never touched); one uniform draw per original row per step, so a
-  row's random stream does not depend on which other rows are still alive.
+* its own `torch.Generator` (the global RNG is never touched): one uniform per live row per step, inverse-CDF
+  sampling; the same seed gives the same tokens.
 
 Weights are read from the given model on every `generate` call (the policy changes between calls); for a peft
 LoRA model the effective weights W + scale * B @ A are computed once per call; the model is never modified.
@@ -21,7 +25,6 @@ Models that are not Llama-like raise `UnsupportedModelError` (a ValueError): use
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -374,11 +377,12 @@ def prefill(w: Weights, ids: torch.Tensor, pos: torch.Tensor, cache: torch.Tenso
 
 
 def decode_step(w: Weights, tok: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None, cache: torch.Tensor,
-                col: int, lo: int, bias: torch.Tensor | None) -> torch.Tensor:
+                col: torch.Tensor | int, width: int, bias: torch.Tensor | None) -> torch.Tensor:
     """One decoding step for B rows: token `tok` [B] at rope position `pos` [B]; its K/V are written to column
-    `col` of the per-row cache [layers, 2, >=B, KV, L, hd]; it attends to the shared prefix K/V `prefix`
-    [layers, 2, KV, lc, hd] (every row sees all of it; None when empty) and to per-row columns [lo, col], with
-    the additive mask `bias` [B, col + 1 - lo] (0 / -inf; None: nothing masked). Returns logits [B, V].
+    `col` (per row [B], or one int for all rows) of the per-row cache [layers, 2, >=B, KV, L, hd]; it attends to
+    the shared prefix K/V `prefix` [layers, 2, KV, lc, hd] (every row sees all of it; None when empty) and to
+    per-row columns [0, width), with the additive mask `bias` [B, width] (0 / -inf; None: nothing masked).
+    Returns logits [B, V].
 
     The shared prefix is one GEMM per kv head for all rows (B * rep queries), not a per-row product, so the
     prefix K/V is read once per step instead of once per row."""
@@ -390,24 +394,25 @@ def decode_step(w: Weights, tok: torch.Tensor, pos: torch.Tensor, prefix: torch.
     if bias is not None:
         if lc:
             bias = torch.cat([bias.new_zeros(B, lc), bias], dim=1)
-        bias = bias[:, None, None, :]  # [B, 1, 1, lc + Lr]
+        bias = bias[:, None, None, :]  # [B, 1, 1, lc + width]
+    rows = slice(0, B) if isinstance(col, int) else torch.arange(B)
     x = w.embed[tok]  # [B, D]
     for li, L in enumerate(w.layers):
         h = F.rms_norm(x, (x.shape[-1],), L.ln1, w.eps)
         qkv = w.linear(h, L.qkv, L.qkv_b).view(B, H + 2 * KV, hd)
         qk = _rope(qkv[:, : H + KV], rot)  # [B, H + KV, hd]
         kc, vc = cache[li, 0], cache[li, 1]
-        kc[:B, :, col] = qk[:, H:]
-        vc[:B, :, col] = qkv[:, H + KV:]
+        kc[rows, :, col] = qk[:, H:]
+        vc[rows, :, col] = qkv[:, H + KV:]
         q = qk[:, :H].view(B, KV, rep, hd)  # already scaled
-        s = torch.matmul(q, kc[:B, :, lo:col + 1].transpose(-1, -2))  # [B, KV, rep, Lr]
+        s = torch.matmul(q, kc[:B, :, :width].transpose(-1, -2))  # [B, KV, rep, width]
         if lc:
             sp = torch.matmul(q.transpose(0, 1).reshape(KV, B * rep, hd), prefix[li, 0].transpose(-1, -2))
-            s = torch.cat([sp.view(KV, B, rep, lc).transpose(0, 1), s], dim=-1)  # [B, KV, rep, lc + Lr]
+            s = torch.cat([sp.view(KV, B, rep, lc).transpose(0, 1), s], dim=-1)  # [B, KV, rep, lc + width]
         if bias is not None:
             s.add_(bias)
         p = torch.softmax(s, -1)
-        att = torch.matmul(p[..., lc:], vc[:B, :, lo:col + 1])  # [B, KV, rep, hd]
+        att = torch.matmul(p[..., lc:], vc[:B, :, :width])  # [B, KV, rep, hd]
         if lc:
             pp = p[..., :lc].transpose(0, 1).reshape(KV, B * rep, lc)
             att = att + torch.matmul(pp, prefix[li, 1]).view(KV, B, rep, hd).transpose(0, 1)
@@ -432,10 +437,13 @@ def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
 class FastEngine:
     """Pure-torch rollouts for Llama-like models on CPU (see the module docstring). Same interface as HFEngine.
 
-    max_rows: decode rows per chunk (prompts are processed ceil(rows / max_rows) chunks at a time; the KV cache is
-    allocated per chunk, so memory stays bounded); top_p_k: the top-k pre-cut of the nucleus filter;
-    onednn: None = use oneDNN packed linear layers when available, False = F.linear.
-    After each call `last_stats` holds timings and counts (prep/prefill/decode/sampling seconds, steps, tokens).
+    max_rows: size of the decode slot pool (live rows at most; at least n); the KV cache is max_rows x (longest
+    prompt suffix + max_new_tokens) columns, so memory stays bounded however many prompts a call has. Passing
+    many prompts in one call lets finished rows be replaced by new prompts (no per-batch tail).
+    top_p_k: the top-k pre-cut of the nucleus filter; onednn: None = oneDNN packed linear layers when available,
+    False = F.linear. After each call `last_stats` holds timings and counts (prep/prefill/decode/sampling
+    seconds, decode steps, row-steps, tokens, shared prefix length, prefill calls).
+    The sampled tokens are a deterministic function of (weights, prompts, n, sampling, seed, max_rows).
     """
 
     def __init__(self, eos_ids: Sequence[int], pad_id: int, max_rows: int = 64, top_p_k: int = 64,
@@ -470,7 +478,7 @@ class FastEngine:
     ) -> list[list[Rollout]]:
         """Generate n completions per prompt -> [prompt][sample] Rollouts."""
         stats = dict(prep_s=0.0, prefill_s=0.0, decode_s=0.0, sample_s=0.0, steps=0, row_steps=0, tokens=0,
-                     prefix_len=0, prefill_tokens=0)
+                     prefix_len=0, prefill_tokens=0, prefill_calls=0, decode_wall_s=0.0)
         self.last_stats = stats
         if not prompts:
             return []
@@ -498,13 +506,20 @@ class FastEngine:
             stats["prefill_s"] += time.perf_counter() - t1
             stats["prefix_len"] = lc
             stats["prefill_tokens"] += lc
-        per_chunk = max(1, self.max_rows // max(1, n))
-        out: list[list[Rollout]] = []
-        for start in range(0, len(prompts), per_chunk):
-            out += self._chunk(w, prompts[start:start + per_chunk], n, sampling, gen, prefix, lc, stats)
-        return out
+        out = torch.full((len(prompts) * n, max(max_new, 1)), self.pad_id, dtype=torch.long)
+        if max_new > 0:
+            self._decode(w, prompts, n, sampling, gen, prefix, lc, stats, out)
+        gen_rows = out.tolist()
+        eos_set = set(self.eos_ids)
+        result = []
+        for i, p in enumerate(prompts):
+            row = []
+            for j in range(n):
+                comp, reason = split_completion(gen_rows[i * n + j], eos_set, max_new)
+                row.append(Rollout(prompt_ids=list(p), completion_ids=comp, finish_reason=reason))
+            result.append(row)
+        return result
 
-    # -- one chunk of prompts ------------------------------------------------------------------------------------
     def _prefill(self, w: Weights, suffix: list[list[int]], prefix, lc: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
         """Each prompt's own tokens (after the shared prefix), right padded, run once: -> KV cache
         [layers, 2, P, KV, lc + S, hd] (prefix columns included) and the logits [P, V] after each prompt."""
@@ -520,77 +535,86 @@ class FastEngine:
         logits = prefill(w, ids, pos, cache, lc, last=torch.tensor([len(s) - 1 for s in suffix]))
         stats["prefill_s"] += time.perf_counter() - t1
         stats["prefill_tokens"] += sum(len(s) for s in suffix)
+        stats["prefill_calls"] += 1
         return cache, logits
 
-    def _chunk(self, w: Weights, prompts: list[list[int]], n: int, sampling: SamplingParams, gen: torch.Generator,
-               prefix, lc: int, stats) -> list[list[Rollout]]:
-        P, max_new = len(prompts), int(sampling.max_new_tokens)
-        if max_new <= 0:
-            return [[Rollout(list(p), [], "length") for _ in range(n)] for p in prompts]
+    def _decode(self, w: Weights, prompts: list[list[int]], n: int, sampling: SamplingParams, gen: torch.Generator,
+                prefix, lc: int, stats, out: torch.Tensor) -> None:
+        """Continuous batching over a fixed pool of `max_rows` cache slots: live rows occupy slots [0, B); a
+        finished row's slot is refilled at once by swap-compaction (a live row from the end moves in), and
+        whenever enough slots are free the next prompts are prefilled and their n sample rows admitted, so
+        compute follows live rows and the pool stays full until the prompts run out. Writes out[row, t]."""
+        max_new = int(sampling.max_new_tokens)
         suffix = [p[lc:] for p in prompts]
-        pcache, logits = self._prefill(w, suffix, prefix, lc, stats)
         slen = [len(s) for s in suffix]
-        ws = max(slen)  # each prompt's own tokens are right-aligned to column ws of the per-row cache
-        B0, width = P * n, ws + max_new
-        cache = torch.empty(len(w.layers), 2, B0, w.n_kv, width, w.head_dim)  # pages are touched lazily
-        for i, ln in enumerate(slen):
-            rows_i = slice(i * n, (i + 1) * n)
-            cache[:, :, rows_i, :, ws - ln: ws] = pcache[:, :, i:i + 1, :, lc: lc + ln]
-            cache[:, :, rows_i, :, : ws - ln] = 0.0  # masked, but must be finite (0 * NaN = NaN)
-        del pcache
-        plen = torch.tensor([len(p) for p in prompts]).repeat_interleave(n)  # rope position of token 0
-        start = ws - torch.tensor(slen).repeat_interleave(n)  # first valid per-row column
-        rows = torch.arange(B0)  # original row of each live row
-        key_bias = torch.zeros(B0, width)
-        key_bias[torch.arange(width)[None, :] < start[:, None]] = NEG_INF
-        out = torch.full((B0, max_new), self.pad_id, dtype=torch.long)
+        cap = max(min(self.max_rows, len(prompts) * n), n)
+        admit_at = max(n, cap // 8)  # batch admissions: one prefill call for several prompts
+        width = max(slen) + max_new  # a row: its own prompt tokens from column 0, then its completion
+        L = len(w.layers)
+        # zeros, not empty: columns past a row's own end are inside the attention window of longer rows; they
+        # are masked (-inf), but must hold finite numbers (NaN * 0 = NaN)
+        cache = torch.zeros(L, 2, cap, w.n_kv, width, w.head_dim)
+        orig = torch.zeros(cap, dtype=torch.long)  # output row of each slot
+        pos = torch.zeros(cap, dtype=torch.long)  # rope position of the token fed next
+        col = torch.zeros(cap, dtype=torch.long)  # cache column it is written to
+        done_t = torch.zeros(cap, dtype=torch.long)  # tokens generated so far
+        tok = torch.zeros(cap, dtype=torch.long)
+        logits = torch.empty(0, w.vocab)
         eos = torch.tensor(self.eos_ids, dtype=torch.long)
-        logits = logits.repeat_interleave(n, dim=0)
-        B = B_prev = B0
-        bias = None
+        B, nxt, P = 0, 0, len(prompts)
         t_dec = time.perf_counter()
-        for t in range(max_new):
-            ts = time.perf_counter()
-            u = torch.rand(B0, generator=gen, dtype=torch.float64)
-            tok = sample_tokens(logits, sampling, u[rows] if B < B0 else u, self.top_p_k)
-            stats["sample_s"] += time.perf_counter() - ts
-            out[rows, t] = tok
-            stats["tokens"] += B
-            if t == max_new - 1:
+        while True:
+            # -- admit the next prompts into free slots (one prefill for all of them) --
+            free = cap - B
+            if nxt < P and (free >= admit_at or (B == 0 and free >= n) or (free >= n and P - nxt <= free // n)):
+                k = min(free // n, P - nxt)
+                ids = list(range(nxt, nxt + k))
+                pcache, plog = self._prefill(w, [suffix[i] for i in ids], prefix, lc, stats)
+                for j, i in enumerate(ids):
+                    sl = slice(B + j * n, B + (j + 1) * n)
+                    cache[:, :, sl, :, : slen[i]] = pcache[:, :, j:j + 1, :, lc: lc + slen[i]]
+                    orig[sl] = torch.arange(i * n, (i + 1) * n)
+                    pos[sl], col[sl], done_t[sl] = len(prompts[i]), slen[i], 0
+                del pcache
+                logits = torch.cat([logits, plog.repeat_interleave(n, dim=0)])
+                B, nxt = B + k * n, nxt + k
+            if B == 0:
                 break
-            done = torch.isin(tok, eos)
-            if bool(done.any()):
-                live = ~done
+            # -- sample one token per live row --
+            ts = time.perf_counter()
+            u = torch.rand(B, generator=gen, dtype=torch.float64)
+            tok[:B] = sample_tokens(logits, sampling, u, self.top_p_k)
+            stats["sample_s"] += time.perf_counter() - ts
+            out[orig[:B], done_t[:B]] = tok[:B]
+            done_t[:B] += 1
+            stats["tokens"] += B
+            finished = torch.isin(tok[:B], eos) | (done_t[:B] >= max_new)
+            if bool(finished.any()):
+                live = ~finished
                 nl = int(live.sum())
-                if nl == 0:
-                    break
-                # swap-compaction: live rows from the tail fill the dead slots among the first nl rows
-                holes = (~live[:nl]).nonzero().squeeze(1)
+                holes = (~live[:nl]).nonzero().squeeze(1)  # dead slots among the first nl ...
                 if holes.numel():
-                    donors = live[nl:].nonzero().squeeze(1) + nl
-                    cache[:, :, holes, :, : ws + t] = cache[:, :, donors, :, : ws + t]
-                    for ten in (rows, plen, start, tok, key_bias):
+                    donors = live[nl:].nonzero().squeeze(1) + nl  # ... get the live rows from the end
+                    hi = int(col[donors].max())
+                    cache[:, :, holes, :, :hi] = cache[:, :, donors, :, :hi]
+                    for ten in (orig, pos, col, done_t, tok):
                         ten[holes] = ten[donors]
                 B = nl
-                rows, plen, start, tok, key_bias = rows[:B], plen[:B], start[:B], tok[:B], key_bias[:B]
-            lo, col = int(start.min()), ws + t
-            if t == 0 or B < B_prev:  # the mask only changes when rows leave
-                bias = key_bias[:, lo:ws] if int(start.max()) > lo else None
-                B_prev = B
+                if B == 0:
+                    logits = logits[:0]
+                    continue
+            # -- one forward step for the live rows --
             td = time.perf_counter()
-            logits = decode_step(w, tok, plen + t, prefix, cache, col, lo,
-                                 None if bias is None else F.pad(bias, (0, t + 1)))
+            c = col[:B]
+            lo_c, hi_c = int(c.min()), int(c.max())
+            if lo_c == hi_c:  # every row writes the same column: nothing to mask
+                logits = decode_step(w, tok[:B], pos[:B], prefix, cache, hi_c, hi_c + 1, None)
+            else:
+                bias = torch.zeros(B, hi_c + 1).masked_fill_(torch.arange(hi_c + 1)[None, :] > c[:, None], NEG_INF)
+                logits = decode_step(w, tok[:B], pos[:B], prefix, cache, c.clone(), hi_c + 1, bias)
+            pos[:B] += 1
+            col[:B] += 1
             stats["steps"] += 1
             stats["row_steps"] += B
             stats["decode_s"] += time.perf_counter() - td
-        stats["decode_wall_s"] = stats.get("decode_wall_s", 0.0) + time.perf_counter() - t_dec
-        gen_rows = out.tolist()
-        eos_set = set(self.eos_ids)
-        result = []
-        for i, p in enumerate(prompts):
-            row = []
-            for j in range(n):
-                comp, reason = split_completion(gen_rows[i * n + j], eos_set, max_new)
-                row.append(Rollout(prompt_ids=list(p), completion_ids=comp, finish_reason=reason))
-            result.append(row)
-        return result
+        stats["decode_wall_s"] = time.perf_counter() - t_dec
