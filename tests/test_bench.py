@@ -1,0 +1,42 @@
+"""bench helpers: summaries, the reward used on the TRL side, the table (no timings asserted)."""
+from smolthink.bench import build_parser, format_table, strict_syllogism_reward, summarize
+
+
+def test_summarize():
+    assert summarize([3, 1, 2]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert summarize([])["n"] == 0
+
+
+def test_strict_reward_matches_the_recipe_weights():
+    good = "<think> all A are B </think> <answer>Yes</answer>"
+    assert strict_syllogism_reward(good, "Yes") == 0.85 + 0.15
+    assert abs(strict_syllogism_reward(good, "No") - 0.15) < 1e-9
+    assert strict_syllogism_reward("Yes", "Yes") == 0.0  # no answer block, no format
+
+
+def test_format_table_renders_every_part():
+    s = {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    results = {
+        "machine": {"cpu": "X", "cores": 2, "torch_threads": 2, "load_avg_start": [1.0, 1.0, 1.0],
+                    "versions": {"torch": "2.13.0"}},
+        "gemm": {"mkl_m48": s, "onednn_m48": s, "mkl_m2048": s, "onednn_m2048": s, "limit_gflops_48": 2.0},
+        "model": {"n_params": 1e6, "decode_limit_tok_s": 1000.0},
+        "rollout": {"prompts": 8, "group": 6, "max_new_tokens": 300, "temperature": 0.7, "top_p": 0.95,
+                    "runs": {"hf": [{}], "fast": [{"phases": {"prep_s": 1, "prefill_s": 1, "decode_s": 1,
+                                                              "sample_s": 1, "prefix_len": 99},
+                                                   "rows_per_step": 12.0}]},
+                    "summary": {e: {"tok_s": s, "wall_s": s, "ms_per_step": s, "pct_flop_limit": s,
+                                    "real_row_frac": s, "rss_peak_gb": s} for e in ("hf", "fast")},
+                    "ratio_fast_over_hf": 5.0},
+        "grpo": {"trl": {"version": "1.0", "step_s_summary": s, "rollout_s_summary": s, "train_s_summary": s,
+                         "peak_rss_gb": 3.0},
+                 "smolthink": {"available": False, "reason": "not written yet"}},
+    }
+    table = format_table(results)
+    for needle in ("GEMM", "hf", "fast", "5.0x", "trl 1.0", "not available: not written yet"):
+        assert needle in table
+
+
+def test_parser_defaults_are_the_recipe_shape():
+    a = build_parser().parse_args([])
+    assert (a.prompts, a.group, a.max_new_tokens, a.temperature, a.top_p) == (8, 6, 300, 0.7, 0.95)
