@@ -50,3 +50,18 @@ def test_pipeline_smoke_and_stage_skipping(tmp_path, tiny_dir):
     assert main(["pipeline", "--out", str(run)]) == 0
     after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "pipeline.yaml"}
     assert after == before
+
+
+def test_stopped_stage_is_not_done_and_later_stages_wait(tmp_path, tiny_dir, monkeypatch):
+    """A training stage stopped by Ctrl-C/SIGTERM (train_sft returns None after its checkpoint) must not be marked
+    DONE, and GRPO must not start on a missing SFT model."""
+    import smolthink.train_sft
+
+    monkeypatch.setattr(smolthink.train_sft, "train_sft", lambda *a, **k: None)
+    run = tmp_path / "run"
+    args = ["pipeline", "--model", str(tiny_dir), "--out", str(run)]
+    for s in SETS:
+        args += ["--set", s]
+    assert main(args) == 0
+    assert (run / "data" / "DONE").is_file()
+    assert not (run / "sft" / "DONE").exists() and not (run / "grpo").exists()

@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 STAGES = ("base_eval", "data", "sft", "grpo", "final_eval", "report")
 
 
+class StageStopped(Exception):
+    """A training stage stopped early on Ctrl-C / SIGTERM after saving a checkpoint: not DONE."""
+
+
 def stage_done(run: Path, stage: str) -> bool:
     """True when the stage finished in an earlier run."""
     return (run / stage / "DONE").is_file()
@@ -83,7 +87,8 @@ def run_sft(cfg: PipelineConfig, run: Path) -> None:
     sft_cfg = build_config(SFTConfig, [stage_shared(cfg), {"eval_at_start": False,
                                                            "data": str(run / "data" / "traces.jsonl")}, cfg.sft])
     out = run / "sft"
-    train_sft(sft_cfg, out, resume=_resumable(out))
+    if train_sft(sft_cfg, out, resume=_resumable(out)) is None:
+        raise StageStopped("sft")
 
 
 def run_grpo(cfg: PipelineConfig, run: Path) -> None:
@@ -93,7 +98,8 @@ def run_grpo(cfg: PipelineConfig, run: Path) -> None:
     grpo_cfg = build_config(GRPOConfig, [stage_shared(cfg), {"eval_at_start": False,
                                                              "model": str(run / "sft" / "final" / "merged")}, cfg.grpo])
     out = run / "grpo"
-    train(grpo_cfg, out, resume=_resumable(out))
+    if train(grpo_cfg, out, resume=_resumable(out)) is None:
+        raise StageStopped("grpo")
 
 
 def final_eval(cfg: PipelineConfig, run: Path) -> None:
@@ -152,7 +158,12 @@ def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
             continue
         log.info("[%d/%d] %s ... (pipeline elapsed %s)", i, len(STAGES), stage, _elapsed(t_all))
         t0 = time.time()
-        RUNNERS[stage](cfg, run)
+        try:
+            RUNNERS[stage](cfg, run)
+        except StageStopped:
+            log.warning("stage %s stopped before the end (checkpoint saved); rerun `smolthink pipeline --out %s` to "
+                        "continue", stage, run)
+            return timings
         timings[stage] = time.time() - t0
         mark_done(run, stage, timings[stage])
         log.info("[%d/%d] %s finished in %s", i, len(STAGES), stage, _elapsed(t0))

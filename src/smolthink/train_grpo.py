@@ -300,7 +300,8 @@ def graceful_stop(stop: dict, sig: int):
 
 
 def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any] | None:
-    """Run GRPO for cfg.max_steps optimizer steps into out_dir; returns the final eval summary."""
+    """Run GRPO for cfg.max_steps optimizer steps into out_dir; returns the final eval summary ({} when eval_n
+    is 0), or None when stopped by Ctrl-C / SIGTERM (a checkpoint is saved; continue with resume=True)."""
     out_dir = Path(out_dir)
     # ---- 1. set-up: data, policy, engine, scorer, optimizer ----
     ckpt = latest_checkpoint(out_dir) if resume else None
@@ -333,7 +334,7 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
     previous = {sig: signal.signal(sig, graceful_stop(stop, sig)) for sig in (signal.SIGTERM, signal.SIGINT)}
     scorer = Scorer(timeout=cfg.scorer_timeout)
     ctx["scorer"] = scorer
-    final = None
+    final: dict[str, Any] = {}  # the final eval summary ({} without eval); None means stopped by a signal
     try:
         if ckpt is None and cfg.eval_n > 0 and cfg.eval_at_start:
             run_eval(ctx, out_dir, 0)
