@@ -39,8 +39,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def fmt_duration(seconds: float) -> str:
-    """1h02m / 3m05s / 12s."""
-    if not math.isfinite(seconds):
+    """1h02m / 3m05s / 12s; "?" for a missing or non-finite value."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         return "?"
     s = int(round(seconds))
     if s >= 3600:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .log import fmt_duration
+
 log = logging.getLogger(__name__)
 
 PIPELINE_STAGES = ("base_eval", "data", "sft", "grpo", "final_eval")
@@ -309,18 +311,6 @@ def _pct(v: float) -> str:
 
 def _pts(v: float) -> str:
     return f"{100 * v:+.1f}"
-
-
-def fmt_duration(seconds: float) -> str:
-    """1h02m / 3m05s / 12s."""
-    if not _num(seconds):
-        return "?"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 def _ci(s: dict[str, Any]) -> tuple[float, float] | None:
