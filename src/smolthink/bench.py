@@ -164,6 +164,18 @@ def gemm_limit(reps: int = 7) -> dict[str, Any]:
             out[f"{name}_m{M}"] = summarize(samples)
     best48 = max(v["median"] for k, v in out.items() if k.endswith("_m48"))
     out["limit_gflops_48"] = best48
+    if _onednn_available():  # weights streamed from memory as in a real forward (64 matrices, ~226 MB > caches)
+        x = torch.randn(48, K, generator=g)
+        packs = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(N, K, generator=g), 48) for _ in range(64)]
+        for p in packs[:3]:
+            torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for p in packs:
+                torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+            samples.append(2 * 48 * K * N * len(packs) / (time.perf_counter() - t0) / 1e9)
+        out["onednn_m48_streamed"] = summarize(samples)
     return out
 
 
@@ -197,8 +209,10 @@ def rollout_bench(args, model, tok, n_params: int, limit_gflops: float | None) -
             rows = len(lens)
             steps = max(lens)
             run = {"rep": rep, "wall_s": wall, "cpu_s": time.process_time() - t_cpu, "tokens": sum(lens),
-                   "tok_s": sum(lens) / wall, "rows": rows, "steps": steps,
-                   "real_row_frac": sum(lens) / (rows * steps), "truncated": sum(x >= args.max_new_tokens for x in lens),
+                   "tok_s": sum(lens) / wall, "tok_per_cpu_s": sum(lens) / max(time.process_time() - t_cpu, 1e-9),
+                   "rows": rows, "steps": steps,
+                   "real_row_frac": sum(lens) / (rows * steps),
+                   "truncated": sum(x >= args.max_new_tokens for x in lens),
                    "ms_per_step": 1e3 * wall / steps, "rss_peak_gb": mem.peak, "rss_added_gb": mem.peak - mem.start}
             stats = getattr(eng, "last_stats", None)
             if stats:
@@ -214,8 +228,8 @@ def rollout_bench(args, model, tok, n_params: int, limit_gflops: float | None) -
                            "temperature": args.temperature, "top_p": args.top_p, "n_params": n_params,
                            "prompt_tokens": [len(p) for p in prompts], "runs": runs, "summary": {}}
     for name, rs in runs.items():
-        s = {k: summarize([r[k] for r in rs]) for k in ("tok_s", "wall_s", "cpu_s", "tokens", "ms_per_step",
-                                                        "real_row_frac", "rss_peak_gb")}
+        keys = ("tok_s", "tok_per_cpu_s", "wall_s", "cpu_s", "tokens", "ms_per_step", "real_row_frac", "rss_peak_gb")
+        s = {k: summarize([r[k] for r in rs if k in r]) for k in keys}
         if limit_gflops:
             s["pct_flop_limit"] = summarize([100 * r["tok_s"] * 2 * n_params / (limit_gflops * 1e9) for r in rs])
         res["summary"][name] = s
@@ -225,38 +239,38 @@ def rollout_bench(args, model, tok, n_params: int, limit_gflops: float | None) -
     return res
 
 
-def profile_fast_step(model, prompts: int = 8, group: int = 6, steps: int = 24, prompt_len: int = 137) -> dict[str, float]:
-    """Where a FastEngine decoding step goes at `rows` live rows (no EOS, short run), from torch.profiler:
-    ms per step in GEMMs (linear layers incl. lm_head), attention (bmm/softmax), sampling ops and the rest."""
+def profile_fast_step(model, tok, prompts: int = 8, group: int = 6, steps: int = 32, seed: int = 0) -> dict[str, float]:
+    """Where a FastEngine decoding step goes with prompts x group live rows (the recipe's syllogism prompts, EOS
+    disabled so every row runs all steps), from torch.profiler: ms per step in GEMMs (linear layers incl.
+    lm_head), attention (bmm/softmax), sampling ops and the rest."""
     from torch.profiler import ProfilerActivity, profile
 
     from .rollout.fast import FastEngine
     from .types import SamplingParams
 
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    head = torch.randint(3, vocab, (prompt_len - 40,), generator=g).tolist()
-    ids = [head + torch.randint(3, vocab, (40,), generator=g).tolist() for _ in range(prompts)]
-    eng = FastEngine([vocab + 1], 0)  # an EOS id that never comes: every row runs all steps
-    sp = SamplingParams(steps, 0.7, 0.95)
+    ids, _ = recipe_prompts(tok, prompts, seed)
+    eng = FastEngine([model.config.vocab_size + 1], tok.pad_token_id)  # an EOS id that never comes
     eng.generate(model, ids, group, SamplingParams(4, 0.7, 0.95), seed=0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        eng.generate(model, ids, group, sp, seed=0)
-    cats = {"gemm": 0.0, "attention": 0.0, "sampling": 0.0, "other": 0.0}
+        eng.generate(model, ids, group, SamplingParams(steps, 0.7, 0.95), seed=0)
+    cats = {"gemm": 0.0, "attention_bmm": 0.0, "softmax": 0.0, "sampling": 0.0, "other": 0.0}
     for ev in prof.key_averages():
         name, t = ev.key, ev.self_cpu_time_total / 1e3
         if "linear_pointwise" in name or name in ("aten::addmm", "aten::mm", "aten::linear"):
             cats["gemm"] += t
-        elif name in ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu"):
-            cats["attention"] += t
-        elif name in ("aten::topk", "aten::cumsum", "aten::searchsorted", "aten::div", "aten::exp"):
+        elif name in ("aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu"):
+            cats["attention_bmm"] += t
+        elif name == "aten::_softmax":  # attention and sampling softmax
+            cats["softmax"] += t
+        elif name in ("aten::topk", "aten::cumsum", "aten::searchsorted", "aten::div", "aten::isin"):
             cats["sampling"] += t
         else:
             cats["other"] += t
     st = eng.last_stats
     n = max(1, st["steps"])
     out = {f"{k}_ms_per_step": v / n for k, v in cats.items()}  # prefill is < 2% of these totals
-    out.update({"rows": prompts * group, "steps": n, "wall_ms_per_step": 1e3 * st["decode_wall_s"] / n,
+    out.update({"rows": prompts * group, "steps": n, "profiled_s": sum(cats.values()) / 1e3,
+                "wall_ms_per_step": 1e3 * st["decode_wall_s"] / n,
                 "decode_ms_per_step": 1e3 * st["decode_s"] / n, "sample_ms_per_step": 1e3 * st["sample_s"] / n})
     return out
 
@@ -384,8 +398,11 @@ def grpo_bench(args, argv: Sequence[str]) -> dict[str, Any]:
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 or not out.is_file():
-                tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-                res[side] = {"available": False, "reason": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
+                lines = [x for x in (proc.stderr or proc.stdout or "").strip().splitlines()
+                         if x.strip() and "warn" not in x.lower() and "%|" not in x]
+                why = "killed by SIGKILL (out of memory?)" if proc.returncode == -9 else f"exit {proc.returncode}"
+                detail = (": " + " | ".join(lines[-3:])[-400:]) if lines else ""
+                res[side] = {"available": False, "reason": why + detail}
                 continue
             r = json.loads(out.read_text())
             r["wall_s_total"] = time.perf_counter() - t0
@@ -434,7 +451,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, A
             results["rollout"] = rollout_bench(args, model, tok, n_params, limit)
         if "profile" in parts:
             print("    FastEngine step profile", file=sys.stderr, flush=True)
-            results["fast_step_profile"] = profile_fast_step(model, args.prompts, args.group)
+            results["fast_step_profile"] = profile_fast_step(model, tok, args.prompts, args.group, seed=args.seed)
         del model
     if "grpo" in parts:
         print("(c) GRPO steps", file=sys.stderr, flush=True)
@@ -458,10 +475,11 @@ def format_table(results: dict[str, Any]) -> str:
     g = results.get("gemm")
     if g:
         lines.append("(a) fp32 GEMM GFLOP/s, x[M,576] @ W[576,1536]   median [min-max]")
-        for key in ("mkl_m48", "onednn_m48", "mkl_m2048", "onednn_m2048"):
+        for key in ("mkl_m48", "onednn_m48", "mkl_m2048", "onednn_m2048", "onednn_m48_streamed"):
             if key in g:
-                lib, rows = key.split("_m")
-                lines.append(f"    {lib:7s} M={rows:5s} {_fmt(g[key])}")
+                lib, rows = key.split("_m", 1)
+                note = "  (weights streamed from RAM, as in a forward)" if rows.endswith("streamed") else ""
+                lines.append(f"    {lib:7s} M={rows.split('_')[0]:5s} {_fmt(g[key])}{note}")
         model = results.get("model", {})
         lim = f"{g['limit_gflops_48']:.0f} GFLOP/s at 48 rows"
         if model.get("decode_limit_tok_s"):
@@ -474,11 +492,14 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"    {'engine':6s} {'real tok/s':>22s} {'wall s':>22s} {'ms/step (wall/steps)':>22s} "
                      f"{'% FLOP limit':>18s} {'real rows':>9s} {'peak RSS GB':>12s}")
         for name, s in r["summary"].items():
-            lines.append(f"    {name:6s} {_fmt(s['tok_s']):>22s} {_fmt(s['wall_s']):>22s} {_fmt(s['ms_per_step']):>22s} "
+            lines.append(f"    {name:6s} {_fmt(s['tok_s']):>22s} {_fmt(s['wall_s']):>22s} "
+                         f"{_fmt(s['ms_per_step']):>22s} "
                          f"{_fmt(s.get('pct_flop_limit')):>18s} {s['real_row_frac']['median'] * 100:8.0f}% "
                          f"{s['rss_peak_gb']['max']:12.2f}")
         if "ratio_fast_over_hf" in r:
             lines.append(f"    FastEngine / HF real tokens/s (medians): {r['ratio_fast_over_hf']:.1f}x")
+        lines.append("    real tokens per CPU-second of this process (less sensitive to other load): "
+                     + ", ".join(f"{name} {_fmt(s.get('tok_per_cpu_s'))}" for name, s in r["summary"].items()))
         fast = r["runs"].get("fast") or []
         if fast and "phases" in fast[0]:
             ph = [x["phases"] for x in fast]
@@ -489,8 +510,11 @@ def format_table(results: dict[str, Any]) -> str:
     p = results.get("fast_step_profile")
     if p:
         lines.append(f"    fast decode step at {p['rows']} rows (profiler, ms/step): "
-                     + ", ".join(f"{k} {p[k + '_ms_per_step']:.1f}" for k in ("gemm", "attention", "sampling", "other"))
-                     + f"; wall {p['wall_ms_per_step']:.1f}")
+                     + ", ".join(f"{k} {p[k + '_ms_per_step']:.1f}"
+                                 for k in ("gemm", "attention_bmm", "softmax", "sampling", "other")
+                                 if k + "_ms_per_step" in p)
+                     + f"; engine timers (profiler on): forward {p['decode_ms_per_step']:.1f} + sampling "
+                       f"{p['sample_ms_per_step']:.1f}")
     gr = results.get("grpo")
     if gr:
         lines.append("(c) GRPO step, same work (s, median [min-max] over measured steps; first step excluded)")

@@ -57,7 +57,8 @@ def top_p_filter(probs: torch.Tensor, top_p: float, k0: int = 64) -> tuple[torch
     prefix of the descending order whose mass reaches top_p; the first token is always kept) - the same rule as
     a full descending sort. Exactness: the top-k values are the first k entries of the full sort, so the running
     sums agree; the first token outside the top-k has exactly the top-k mass before it, and it and every later
-    token are dropped iff that mass is >= top_p. Rows where it is not are widened (k x 4, at most V) and redone.
+    token are dropped iff that mass is >= top_p. Rows where it is not are widened (at least k x 4, and at least the
+    count the missing mass needs at the k-th probability; at most V) and redone.
     """
     V = probs.shape[1]
     k = min(max(1, k0), V)
@@ -68,7 +69,10 @@ def top_p_filter(probs: torch.Tensor, top_p: float, k0: int = 64) -> tuple[torch
         short = cum[:, -1] < top_p  # the nucleus may extend past the top-k: widen those rows
         if bool(short.any()):
             rows = short.nonzero().squeeze(1)
-            wide_vals, wide_idx = top_p_filter(probs[rows], top_p, k0=k * 4)
+            # every token outside the top-k has probability <= the k-th largest, so the nucleus needs at least
+            # deficit / p_k more tokens: a lower bound that skips hopeless sizes on flat distributions
+            need = ((top_p - cum[rows, -1]) / vals[rows, -1].clamp_min(1e-30)).max().item()
+            wide_vals, wide_idx = top_p_filter(probs[rows], top_p, k0=int(min(V, max(4 * k, k + need + 1))))
             extra = wide_vals.shape[1] - k
             out, idx = F.pad(out, (0, extra)), F.pad(idx, (0, extra))  # zero probability: dropped
             out[rows], idx[rows] = wide_vals, wide_idx
@@ -246,6 +250,9 @@ def _check_supported(model) -> tuple[torch.nn.Module, object]:
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(f"fast engine supports {SUPPORTED_MODEL_TYPES} models, not {mtype!r} "
                                     f"({type(base).__name__}); use the hf engine")
+    param = next(base.parameters(), None)
+    if param is not None and param.device.type != "cpu":
+        raise UnsupportedModelError(f"fast engine runs on CPU; the model is on {param.device}: use the hf engine")
     inner = getattr(base, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(base, "lm_head"):
         raise UnsupportedModelError(f"fast engine: unexpected module layout in {type(base).__name__}")
@@ -520,7 +527,8 @@ class FastEngine:
             result.append(row)
         return result
 
-    def _prefill(self, w: Weights, suffix: list[list[int]], prefix, lc: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill(self, w: Weights, suffix: list[list[int]], prefix, lc: int,
+                 stats) -> tuple[torch.Tensor, torch.Tensor]:
         """Each prompt's own tokens (after the shared prefix), right padded, run once: -> KV cache
         [layers, 2, P, KV, lc + S, hd] (prefix columns included) and the logits [P, V] after each prompt."""
         t1 = time.perf_counter()
