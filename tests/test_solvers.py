@@ -106,7 +106,10 @@ def test_syllogism_traces_are_correct_and_scored(syllogisms):
         ans = extract_answer(t)
         assert ans in ("Yes", "No") and ans == e["answer"]
         assert ds.score_answer(ans, e) == 1.0
-        assert "Premise 1:" in t and "Premise 2:" in t and ("⊆" in t or "∩" in t or "⊄" in t)
+        if e["metadata"]["type"] == "inversion":
+            assert "gives:" in t and "list" in t
+        else:
+            assert t.count("Rule ") == 4 and ("broken" in t) == (ans == "No")
         traces.append(t)
         types[(e["metadata"]["type"], ans)] += 1
     assert len(types) == 4, types  # both task types, both answers
@@ -116,6 +119,31 @@ def test_syllogism_traces_are_correct_and_scored(syllogisms):
     assert solve("syllogism", e, random.Random(5)) == solve("syllogism", e, random.Random(5))
     words = {solve("syllogism", e, random.Random(s)) for s in range(20)}
     assert len(words) > 1 and {extract_answer(t) for t in words} == {e["answer"]}
+
+
+def test_syllogism_rules_decide_exactly_what_entailment_decides():
+    """Over every 3-term form (any quantifiers, any term order) with consistent premises: the four classical rules
+    (standard forms) and the immediate-consequence lists (conclusion on one premise's terms) equal `entails`."""
+    from itertools import permutations, product
+
+    from smolthink.solvers import _CONSEQUENCES, _allowed, entails, rule_checks
+
+    qs = ("all", "no", "some", "some_not")
+    counts = Counter()
+    for (q1, q2, q3), (a, b, c) in product(product(qs, repeat=3), product(permutations(range(3), 2), repeat=3)):
+        prem, concl = [(q1, *a), (q2, *b)], (q3, *c)
+        if {*a} == {*b} or _allowed(prem, 3) is None:
+            continue
+        same = [st for st in prem if {*st[1:]} == {*c}]
+        if same:
+            q, x, y = same[0]
+            got = concl in [(cq, x, y) if fwd else (cq, y, x) for cq, fwd in _CONSEQUENCES[q]]
+        else:
+            got = all(rule_checks(prem, concl))
+        want = entails(prem, concl, 3)
+        assert got == want, (prem, concl)
+        counts[(bool(same), want)] += 1
+    assert counts[(False, True)] > 0 and counts[(True, True)] > 0 and counts[(False, False)] > 0
 
 
 def test_parse_and_show_round_trip(props):

@@ -50,48 +50,6 @@ def _trace(steps: list[str], answer: str) -> str:
 
 _STMT_RE = re.compile(r"^\s*(All|No|Some)\s+(.+?)\s+are\s+(not\s+)?(.+?)\s*[.?]?\s*$", re.IGNORECASE)
 _CONTRA = {"all": "some_not", "some_not": "all", "no": "some", "some": "no"}
-_WEAKER = {"all": "some", "no": "some_not"}  # subalternation (needs the subject non-empty)
-# figure-1 chains (S-M, M-P) that give an S-P statement, with how to say why
-_CHAIN = {
-    ("all", "all"): ("all", ["Chaining through {M}: {S} ⊆ {M} ⊆ {P}, so all {S} are {P}.",
-                             "Every {s} is {a_m}, and every {m} is {a_p}, so every {s} is {a_p}."]),
-    ("all", "no"): ("no", ["Every {s} is {a_m}, and no {m} is {a_p}, so no {s} is {a_p}.",
-                           "{S} sit inside {M}, which share nothing with {P}, so no {S} are {P}."]),
-    ("some", "all"): ("some", ["The {S} that are {M} are also {P}, since all {M} are {P}. So some {S} are {P}.",
-                               "Take {a_s} that is {a_m}; every {m} is {a_p}, so it is {a_p}. So some {S} are {P}."]),
-    ("some", "no"): ("some_not", ["The {S} that are {M} cannot be {P}, since no {M} are {P}. So some {S} are not {P}.",
-                                  "Take {a_s} that is {a_m}; no {m} is {a_p}, so it is not. So some {S} are not {P}."]),
-}
-_CONVERT = {  # premise X-Y, conclusion about Y-X
-    "no": ["No {X} are {Y} means the two sets share nothing, so no {Y} are {X} either.",
-           "{X} ∩ {Y} = ∅ is symmetric, so no {Y} are {X}."],
-    "all": ["All {X} are {Y} and {X} exist, so those {X} are {Y}: some {Y} are {X}.",
-            "Every {x} is {a_y} and there are {X}, so some {Y} are {X}."],
-    "some": ["Some {X} are {Y} means something is both, so some {Y} are {X}.",
-             "{X} ∩ {Y} ≠ ∅ is symmetric, so some {Y} are {X}."],
-    "some_not": ["Some {X} are not {Y} says nothing about which {Y} are {X}.",
-                 "Knowing some {X} are not {Y} tells us nothing definite about {Y} being {X}."],
-}
-_SAY = {
-    "all": ["all {S} are {P} ({S} ⊆ {P})", "every {s} is {a_p} ({S} ⊆ {P})"],
-    "no": ["no {S} are {P} ({S} ∩ {P} = ∅)", "no {s} is {a_p} ({S} ∩ {P} = ∅)"],
-    "some": ["some {S} are {P} ({S} ∩ {P} ≠ ∅)", "at least one {s} is {a_p} ({S} ∩ {P} ≠ ∅)"],
-    "some_not": ["some {S} are not {P} ({S} ⊄ {P})", "at least one {s} is not {a_p} ({S} ⊄ {P})"],
-}
-_PLAIN = {"all": "all {S} are {P}", "no": "no {S} are {P}", "some": "some {S} are {P}",
-          "some_not": "some {S} are not {P}"}
-_OPEN_SYL = ["Let me write each statement as a relation between sets.", "Treat each group as a set.",
-             "I'll translate the statements into sets.", "Think of each term as a set of things."]
-_FOLLOWS = ["So the conclusion follows.", "So yes, it follows.", "Hence the conclusion is valid."]
-_FAILS = ["So the conclusion does not follow.", "So it does not follow.", "Hence the conclusion is not valid."]
-
-
-try:  # singular forms of reasoning-gym's terms ("children" -> "child"); a missing one drops a trailing "s"
-    from reasoning_gym.logic.syllogisms import SyllogismDataset
-
-    _SINGULAR = {t.plural: t.name for t in SyllogismDataset.DEFAULT_TERMS}
-except Exception:  # pragma: no cover - reasoning-gym layout changed
-    _SINGULAR = {}
 
 
 def parse_statement(text: str) -> tuple[str, str, str]:
@@ -146,103 +104,107 @@ def syllogism_verdict(entry: dict[str, Any]) -> bool | None:
     return None if _allowed(prem, len(names)) is None else entails(prem, concl, len(names))
 
 
-def _words(**plurals: str) -> dict[str, str]:
-    """Template fields: X (plural), x (singular), a_x ("a"/"an" + singular) for every role given."""
-    out = dict(plurals)
-    for key, plural in plurals.items():
-        one = _SINGULAR.get(plural) or (plural[:-1] if plural.endswith("s") else plural)
-        out[key.lower()] = one
-        out["a_" + key.lower()] = ("an " if one[:1].lower() in "aeiou" else "a ") + one
-    return out
+# The trace applies the classical rules of the categorical syllogism. Under existential import they decide exactly
+# what `entails` decides (checked over every 3-term form in tests/test_solvers.py), and each step is a lookup or a
+# copy that a small model can imitate: what each statement distributes, then four rules, then the verdict.
+# Items whose conclusion re-reads one premise (reasoning-gym's "inversion" type) list that premise's immediate
+# consequences (conversion, subalternation) and look the conclusion up in the list.
+_PLAIN = {"all": "all {S} are {P}", "no": "no {S} are {P}", "some": "some {S} are {P}",
+          "some_not": "some {S} are not {P}"}
+_NEGATIVE = ("no", "some_not")
+_CONSEQUENCES = {  # (q, X, Y) -> statements about X, Y that it alone entails (existential import), as (q, X-first)
+    "all": [("all", True), ("some", True), ("some", False)],
+    "no": [("no", True), ("some_not", True), ("no", False), ("some_not", False)],
+    "some": [("some", True), ("some", False)],
+    "some_not": [("some_not", True)],
+}
+_VALID = ["All four rules hold, so the conclusion follows.", "Every rule holds, so the conclusion follows."]
+_INVALID = ["A rule is broken, so the conclusion does not follow.", "Not every rule holds, so it does not follow."]
 
 
-def _membership(names: list[str], region: int, terms: list[int]) -> str:
-    """How a region sits in one or two terms: "parents but not doctors", "neither parents nor doctors", ..."""
-    ins = [names[t] for t in terms if region >> t & 1]
-    outs = [names[t] for t in terms if not region >> t & 1]
-    if len(terms) == 1:
-        return ins[0] if ins else "not " + outs[0]
-    if len(ins) == 2:
-        return f"both {ins[0]} and {ins[1]}"
-    if not ins:
-        return f"neither {outs[0]} nor {outs[1]}"
-    return f"{ins[0]} but not {outs[0]}"
+def distributes(stmt: tuple[str, int, int]) -> list[int]:
+    """Terms a statement says something about in full: All S-P -> S, No -> S and P, Some -> none, Some-not -> P."""
+    q, s, p = stmt
+    return {"all": [s], "no": [s, p], "some": [], "some_not": [p]}[q]
+
+
+def rule_checks(prem: list[tuple[str, int, int]], concl: tuple[str, int, int]) -> list[bool]:
+    """The four rules for a standard syllogism (conclusion terms in different premises), in trace order:
+    middle term distributed at least once; no term distributed in the conclusion but not in its premise; not two
+    negative premises; the conclusion is negative iff one premise is."""
+    m = ({0, 1, 2} - {concl[1], concl[2]}).pop()
+    n_neg = sum(q in _NEGATIVE for q, _, _ in prem)
+    home = {t: next(st for st in prem if t in st[1:]) for t in (concl[1], concl[2])}
+    return [any(m in distributes(st) for st in prem),
+            all(t in distributes(home[t]) for t in distributes(concl)),
+            n_neg < 2,
+            (concl[0] in _NEGATIVE) == (n_neg == 1)]
 
 
 def solve_syllogism(entry: dict[str, Any], rng: random.Random) -> str | None:
-    """Restate premises as set relations, derive what links the conclusion's terms, compare, answer Yes/No."""
+    """Rule-by-rule trace (or, for a conclusion about one premise's terms, that premise's consequences) -> Yes/No."""
     names, prem, concl = _parse_item(entry)
-    n = len(names)
-    if n != 3 or _allowed(prem, n) is None:  # reasoning-gym items always have 3 terms
+    if len(names) != 3 or _allowed(prem, 3) is None:  # reasoning-gym items always have 3 terms
         return None
-    q, s, p = concl
-    roles = {"S": names[s], "P": names[p]}
-
-    def fill(template: str, **extra: str) -> str:
-        return template.format(**_words(**roles, **extra))
 
     def say(stmt: tuple[str, int, int]) -> str:
-        return rng.choice(_SAY[stmt[0]]).format(**_words(S=names[stmt[1]], P=names[stmt[2]]))
+        return _PLAIN[stmt[0]].format(S=names[stmt[1]], P=names[stmt[2]])
 
-    steps = [rng.choice(_OPEN_SYL)] + [f"Premise {i}: {say(st)}." for i, st in enumerate(prem, 1)]
-    # the strongest statement about (S, P) that the premises give, if any
-    derived = next((d for d in ("all", "no", "some", "some_not") if entails(prem, (d, s, p), n)), None)
-    together = [i for i, (_, a, b) in enumerate(prem) if {a, b} == {s, p}]
-    rule = None
-    if together:  # the conclusion re-reads one premise (reasoning-gym "inversion" items); the other is a distractor
+    def spread(stmt: tuple[str, int, int]) -> str:
+        d = [names[t] for t in distributes(stmt)]
+        return " and ".join(d) if d else "nothing"
+
+    q, s, p = concl
+    # first copy which terms each statement links: the branch below is then a comparison of two term pairs
+    about = [f"Premise {k + 1} links {names[a]} and {names[b]}." for k, (_, a, b) in enumerate(prem)]
+    about.append(f"The conclusion links {names[s]} and {names[p]}.")
+    together = [k for k, (_, a, b) in enumerate(prem) if {a, b} == {s, p}]
+    if together:
         k = together[0]
         pq, x, y = prem[k]
-        steps.append(fill(rng.choice(["The conclusion only involves {S} and {P}, both in premise %d.",
-                                      "Premise %d is the one about {S} and {P}."]) % (k + 1)))
-        if (x, y) == (p, s) and _CONVERTS_TO[pq] == derived:
-            rule = fill(rng.choice(_CONVERT[pq]), X=names[x], Y=names[y])
-        witness_terms = [p]
+        listed = [(cq, x, y) if same else (cq, y, x) for cq, same in _CONSEQUENCES[pq]]
+        valid = concl in listed
+        steps = about + [f"Both terms of the conclusion are in premise {k + 1}, so it must follow from premise {k + 1} "
+                         "alone.",
+                         f'Premise {k + 1} "{say(prem[k])}" gives: ' + "; ".join(say(st) for st in listed) + ".",
+                         rng.choice(["The conclusion is in this list, so it follows." if valid else
+                                     "The conclusion is not in this list, so it does not follow.",
+                                     "That list contains the conclusion, so it follows." if valid else
+                                     "That list does not contain the conclusion, so it does not follow."])]
     else:
-        mid = next((t for t in range(n) if t not in (s, p)), -1)
-        chain = _CHAIN.get((prem[0][0], prem[1][0]))
-        if prem[0][1:] == (s, mid) and prem[1][1:] == (mid, p) and chain and chain[0] == derived:
-            rule = fill(rng.choice(chain[1]), M=names[mid])
-        elif derived is None:
-            rule = fill(rng.choice(["These premises do not tie {S} to {P} in any fixed way.",
-                                    "Nothing here links {S} and {P} for certain."]))
-        witness_terms = [t for t in range(n) if t != s]
-    if rule is None:  # no stock rule fits: state what the premises give
-        rule = fill(f"Together the premises give: {_PLAIN[derived]}." if derived else
-                    "The premises do not fix how {S} relate to {P}.")
-    steps.append(rule)
-    steps.append(rng.choice(["The conclusion says {c}.", "The conclusion claims {c}."]).format(c=say(concl)))
-    valid = entails(prem, concl, n)
-    contra = (_CONTRA[q], s, p)
-    if valid:
-        if derived == q:
-            steps.append(rng.choice(["That is exactly what we derived.", "This matches what we found."]))
-        elif _WEAKER.get(derived) == q:
-            steps.append(fill(f"Since {_PLAIN[derived]} and there are {{S}}, this holds too."))
+        m = ({0, 1, 2} - {s, p}).pop()
+        checks = rule_checks(prem, concl)
+        valid = all(checks)
+        n_neg = sum(st[0] in _NEGATIVE for st in prem)
+        home = {t: 1 + next(k for k, st in enumerate(prem) if t in st[1:]) for t in (s, p)}
+        mid_in = [k + 1 for k, st in enumerate(prem) if m in distributes(st)]
+        concl_d = distributes(concl)
+        lacking = [t for t in concl_d if t not in distributes(prem[home[t] - 1])]
+        ok = {True: "ok", False: "broken"}
+        steps = about + [f"The conclusion's terms are in different premises, so the middle term is {names[m]}."]
+        steps += [f'Premise {k + 1} "{say(st)}": {"negative" if st[0] in _NEGATIVE else "affirmative"}, '
+                  f"distributes {spread(st)}." for k, st in enumerate(prem)]
+        steps.append(f'Conclusion "{say(concl)}": {"negative" if q in _NEGATIVE else "affirmative"}, '
+                     f"distributes {spread(concl)}.")
+        steps.append(f"Rule 1, middle term distributed: " + (f"in premise {mid_in[0]}, ok." if mid_in else "no, broken."))
+        if not concl_d:
+            steps.append("Rule 2, terms distributed in the conclusion: none, ok.")
         else:
-            steps.append("The premises give this as well.")
-        steps.append(rng.choice(_FOLLOWS))
-    else:
-        if entails(prem, contra, n):
-            steps.append(rng.choice(["This contradicts what we derived.", "That clashes with what we found."])
-                         if derived and (derived == contra[0] or _WEAKER.get(derived) == contra[0]) else
-                         fill(f"But the premises force {_PLAIN[contra[0]]}, the opposite."))
-        elif q in ("all", "no"):  # a region of a model of the premises where the conclusion fails
-            region = min(_constraint(contra, n)[1] & _allowed(prem + [contra], n))
-            steps.append(rng.choice(["But there could be {S} that are {w}, and both premises still hold.",
-                                     "Yet {S} that are {w} fit both premises."]).format(
-                S=names[s], w=_membership(names, region, witness_terms)))
-        else:
-            steps.append(rng.choice(["But both premises still hold if {c}.", "Yet the premises allow that {c}."])
-                         .format(c=fill(_PLAIN[contra[0]])))
-        steps.append(rng.choice(_FAILS))
+            steps.append("Rule 2, terms distributed in the conclusion: " + "; ".join(
+                f"{names[t]} in premise {home[t]} {'is not' if t in lacking else 'is'}" for t in concl_d)
+                + f", {ok[not lacking]}.")
+        steps.append(f"Rule 3, at most one negative premise: {['none', 'one', 'two'][n_neg]}, {ok[n_neg < 2]}.")
+        steps.append(f"Rule 4, negative conclusion iff a negative premise: "
+                     f"{'negative' if q in _NEGATIVE else 'affirmative'} conclusion, "
+                     f"{['no', 'one', 'two'][n_neg]} negative premise{'s' if n_neg != 1 else ''}, {ok[checks[3]]}.")
+        steps.append(rng.choice(_VALID if valid else _INVALID))
+    if valid != entails(prem, concl, 3):  # the rules are exact (tested); this guards against a regression
+        return None
     answer = "Yes" if valid else "No"
     gold = entry.get("answer")
     if gold is not None and str(gold).strip().casefold() != answer.casefold():
         return None  # the gold label disagrees with the logic (see the module docstring): no trace
     return _trace(steps, answer)
-
-
-_CONVERTS_TO = {"no": "no", "all": "some", "some": "some", "some_not": None}  # what a converse read gives
 
 
 # ---------------------------------------------------------------------------------------------------------------
