@@ -124,3 +124,18 @@ def test_clear_and_bad_sizes():
         list(buf.minibatches(0, torch.Generator()))
     buf.clear()
     assert len(buf) == 0 and list(buf.minibatches(4, torch.Generator())) == []
+
+
+def test_split_by_tokens_bounds_padded_size():
+    buf = ExperienceBuffer()
+    lens = [3, 9, 4, 7, 2, 8]
+    for n in lens:
+        buf.add(Experience([1] * 2, [5] * n, None, 0.0, 0.0))
+    idx = list(range(len(lens)))
+    assert buf.split_by_tokens(idx, 0) == [idx]
+    for budget in (1, 11, 20, 40, 1000):
+        chunks = buf.split_by_tokens(idx, budget)
+        assert sorted(i for c in chunks for i in c) == idx  # every item once
+        for c in chunks:
+            assert len(c) == 1 or len(c) * max(buf.seq_len(i) for i in c) <= budget
+    assert len(buf.split_by_tokens(idx, 1000)) == 1 and len(buf.split_by_tokens(idx, 1)) == len(lens)

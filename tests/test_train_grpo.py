@@ -131,3 +131,15 @@ def test_bad_config_is_one_line(tmp_path, tiny_dir, capsys):
     assert "num_generations must be >= 2" in err and "Traceback" not in err
     assert main(["train", "--out", str(tmp_path / "y"), "--set", "task=nosuchtask"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_token_budget_split_keeps_the_step(tmp_path, tiny_dir):
+    """max_tokens_per_forward cuts micro-batches into smaller forwards: the same optimizer steps (allclose),
+    because the loss normalisers are the whole step's."""
+    common = ["max_steps=2", "eval_n=0", "learning_rate=1e-3", *TOY]
+    whole, split = tmp_path / "a", tmp_path / "b"
+    run(whole, tiny_dir, *common)
+    run(split, tiny_dir, *common, "max_tokens_per_forward=1")  # 1: one sequence per forward
+    keys = ["loss/total", "grad_norm", "reward/mean"]
+    for a, b in zip(metrics(whole), metrics(split)):
+        assert all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in keys), (a, b)

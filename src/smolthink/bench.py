@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpo", default="trl,smolthink", help="GRPO sides to run in (c)")
     p.add_argument("--grpo-steps", type=int, default=2, help="measured GRPO steps (after 1 warm-up step)")
     p.add_argument("--minibatch", type=int, default=8, help="GRPO micro-batch (both sides; 48 / minibatch accum.)")
+    p.add_argument("--max-tokens-per-forward", type=int, default=None,
+                   help="smolthink side: padded tokens per forward/backward chunk (default: GRPOConfig's)")
     p.add_argument("--out", default="benchmarks/results.json", help="JSON results file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one GRPO side
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -375,6 +377,8 @@ def _child_smolthink(args) -> dict[str, Any]:
                      learning_rate=1e-6, loss_type="grpo", use_lora=True, lora_r=32, lora_alpha=64,
                      gradient_checkpointing=False, threads=args.threads, max_steps=steps, eval_n=0,
                      eval_at_start=False, save_every=0, sample_every=0, train_size=max(64, args.prompts * steps))
+    if args.max_tokens_per_forward is not None:
+        cfg.max_tokens_per_forward = args.max_tokens_per_forward
     out = Path(tempfile.mkdtemp(prefix="smolthink-bench-")) / "run"
     train(cfg, out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

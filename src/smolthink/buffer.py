@@ -90,6 +90,19 @@ class ExperienceBuffer:
             chunks = [chunks[k] for k in order]
         yield from chunks
 
+    def split_by_tokens(self, indices: list[int], max_tokens: int) -> list[list[int]]:
+        """Cut one micro-batch into chunks whose padded size (rows x longest row) is at most max_tokens (a longer
+        single item is a chunk of its own); items are sorted by length first, so chunks also pad less. 0: one chunk.
+        With step-wide loss normalisers the summed chunk gradients equal the micro-batch gradient."""
+        if max_tokens <= 0 or not indices:
+            return [list(indices)]
+        chunks: list[list[int]] = [[]]
+        for i in sorted(indices, key=self.seq_len):  # ascending, so the newest item is the chunk's longest
+            if chunks[-1] and (len(chunks[-1]) + 1) * self.seq_len(i) > max_tokens:
+                chunks.append([])
+            chunks[-1].append(i)
+        return chunks
+
     def collate(self, indices: list[int], pad_id: int) -> Batch:
         """Re-pad the given items into one right-padded Batch (see Batch); T = longest prompt + completion.
 

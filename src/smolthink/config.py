@@ -37,6 +37,8 @@ class ModelArgs:
     lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                     "modules that get LoRA adapters")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    max_tokens_per_forward: int = opt(1024, "split each micro-batch into forward/backward chunks of at most this many "
+                                      "padded tokens (0: no split); same gradient, lower peak memory")
     threads: int = opt(0, "torch threads (0: all cores)")
     eval_n: int = opt(100, "held-out eval questions")
     eval_balanced: bool = opt(True, "balance answer classes of the eval set (e.g. 50% Yes / 50% No)")
@@ -200,6 +202,7 @@ def validate(cfg: Any) -> None:
     need(cfg.minibatch_size >= 1 and cfg.gradient_accumulation_steps >= 1,
          "minibatch_size and gradient_accumulation_steps must be >= 1")
     need(cfg.eval_n >= 0 and cfg.max_steps >= 0, "eval_n and max_steps must be >= 0")
+    need(cfg.max_tokens_per_forward >= 0, "max_tokens_per_forward must be >= 0 (0: no split)")
     if isinstance(cfg, GRPOConfig):
         need(cfg.num_generations >= 2, f"num_generations must be >= 2 for group advantages (got {cfg.num_generations})")
         need(cfg.prompts_per_rollout >= 1, "prompts_per_rollout must be >= 1")

@@ -661,9 +661,11 @@ def _steps_line(stage: Stage) -> str:
         return "no steps logged"
     out = f"{last} steps"
     max_steps = stage.config.get("max_steps")
-    if _num(max_steps) and last < max_steps:
+    if not _num(max_steps) or max_steps <= 0:  # 0: derived from num_epochs (SFT)
+        return out
+    if last < max_steps:
         out += f" of {int(max_steps)} configured (stopped early)"
-    elif _num(max_steps):
+    else:
         out += f" of {int(max_steps)} configured"
     return out
 

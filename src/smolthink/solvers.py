@@ -118,8 +118,8 @@ _CONSEQUENCES = {  # (q, X, Y) -> statements about X, Y that it alone entails (e
     "some": [("some", True), ("some", False)],
     "some_not": [("some_not", True)],
 }
-_VALID = ["All four rules hold, so the conclusion follows.", "Every rule holds, so the conclusion follows."]
-_INVALID = ["A rule is broken, so the conclusion does not follow.", "Not every rule holds, so it does not follow."]
+_VALID = ["So the conclusion follows.", "Hence the conclusion is valid."]
+_INVALID = ["So the conclusion does not follow.", "Hence the conclusion is not valid."]
 
 
 def distributes(stmt: tuple[str, int, int]) -> list[int]:
@@ -182,21 +182,28 @@ def solve_syllogism(entry: dict[str, Any], rng: random.Random) -> str | None:
         lacking = [t for t in concl_d if t not in distributes(prem[home[t] - 1])]
         ok = {True: "ok", False: "broken"}
         steps = about + [f"The conclusion's terms are in different premises, so the middle term is {names[m]}."]
-        steps += [f'Premise {k + 1} "{say(st)}": {"negative" if st[0] in _NEGATIVE else "affirmative"}, '
-                  f"distributes {spread(st)}." for k, st in enumerate(prem)]
-        steps.append(f'Conclusion "{say(concl)}": {"negative" if q in _NEGATIVE else "affirmative"}, '
-                     f"distributes {spread(concl)}.")
-        steps.append(f"Rule 1, middle term distributed: " + (f"in premise {mid_in[0]}, ok." if mid_in else "no, broken."))
-        if not concl_d:
-            steps.append("Rule 2, terms distributed in the conclusion: none, ok.")
-        else:
-            steps.append("Rule 2, terms distributed in the conclusion: " + "; ".join(
-                f"{names[t]} in premise {home[t]} {'is not' if t in lacking else 'is'}" for t in concl_d)
-                + f", {ok[not lacking]}.")
-        steps.append(f"Rule 3, at most one negative premise: {['none', 'one', 'two'][n_neg]}, {ok[n_neg < 2]}.")
-        steps.append(f"Rule 4, negative conclusion iff a negative premise: "
-                     f"{'negative' if q in _NEGATIVE else 'affirmative'} conclusion, "
-                     f"{['no', 'one', 'two'][n_neg]} negative premise{'s' if n_neg != 1 else ''}, {ok[checks[3]]}.")
+        # every check copies a status written earlier next to the same term name (a lookup, not a search)
+        status = lambda st, t: "distributed" if t in distributes(st) else "undistributed"
+        quality = lambda st: "negative" if st[0] in _NEGATIVE else "affirmative"
+        for label, st in [("Premise 1", prem[0]), ("Premise 2", prem[1]), ("Conclusion", concl)]:
+            steps.append(f'{label} "{say(st)}": {quality(st)}; {names[st[1]]} {status(st, st[1])}, '
+                         f"{names[st[2]]} {status(st, st[2])}.")
+        steps.append(f"Rule 1 (middle term {names[m]}): " + ", ".join(
+            f"premise {k + 1} {status(st, m)}" for k, st in enumerate(prem)) + f", {ok[checks[0]]}.")
+        parts = []
+        for t in (s, p):
+            if t in concl_d:
+                parts.append(f"{names[t]} distributed, premise {home[t]} {status(prem[home[t] - 1], t)}")
+            else:
+                parts.append(f"{names[t]} undistributed")
+        steps.append("Rule 2 (conclusion terms): " + "; ".join(parts) + f", {ok[checks[1]]}.")
+        steps.append("Rule 3 (negative premises): " + ", ".join(
+            f"premise {k + 1} {quality(st)}" for k, st in enumerate(prem)) + f", {ok[checks[2]]}.")
+        steps.append(f"Rule 4 (quality): conclusion {quality(concl)}, "
+                     f"{'one negative premise' if n_neg == 1 else 'no negative premise' if n_neg == 0 else 'two negative premises'}"
+                     f", {ok[checks[3]]}.")
+        broken = [str(r + 1) for r, good in enumerate(checks) if not good]
+        steps.append(f"Broken rules: {', '.join(broken) if broken else 'none'}.")
         steps.append(rng.choice(_VALID if valid else _INVALID))
     if valid != entails(prem, concl, 3):  # the rules are exact (tested); this guards against a regression
         return None

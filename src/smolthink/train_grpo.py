@@ -183,7 +183,8 @@ def optimizer_step(ctx: dict, buffer: ExperienceBuffer, minibatches: list[list[i
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
     totals: dict[str, float] = {}
     tokens_seen = 0
-    for mb in minibatches:
+    chunks = [c for mb in minibatches for c in buffer.split_by_tokens(mb, cfg.max_tokens_per_forward)]
+    for mb in chunks:
         batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(ctx["accelerator"].device)
         logp, entropy = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
                                        temperature=cfg.temperature, with_entropy=True)

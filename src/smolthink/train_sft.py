@@ -120,7 +120,7 @@ def optimizer_step(ctx: dict, minibatches: list[list[int]]) -> dict[str, float]:
     t0 = time.time()
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
     loss_sum, tokens_seen = 0.0, 0
-    for mb in minibatches:
+    for mb in [c for mb in minibatches for c in buffer.split_by_tokens(mb, cfg.max_tokens_per_forward)]:
         batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(next(model.parameters()).device)
         loss, _ = sft_loss(model, batch, n_tok)
         loss.backward()
