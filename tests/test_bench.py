@@ -1,4 +1,5 @@
 """bench helpers: summaries, the reward used on the TRL side, the table (no timings asserted)."""
+import pytest
 from smolthink.bench import build_parser, format_table, strict_syllogism_reward, summarize
 
 
@@ -40,3 +41,12 @@ def test_format_table_renders_every_part():
 def test_parser_defaults_are_the_recipe_shape():
     a = build_parser().parse_args([])
     assert (a.prompts, a.group, a.max_new_tokens, a.temperature, a.top_p) == (8, 6, 300, 0.7, 0.95)
+
+
+def test_cli_hands_leading_options_to_the_bench(capsys):
+    """`smolthink bench --parts grpo ...` reaches the bench parser (argparse's REMAINDER alone drops it)."""
+    from smolthink.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--parts", "grpo", "--grpo-steps", "1", "--help"])
+    assert e.value.code == 0 and "--grpo-steps" in capsys.readouterr().out

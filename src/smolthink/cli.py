@@ -245,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors print one line, Ctrl-C exits 130."""
     from .log import setup_logging
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # argparse's REMAINDER drops a leading "--option": hand the rest over untouched
+        args = argparse.Namespace(verbose=False, func=cmd_bench, bench_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
         args.func(args)
