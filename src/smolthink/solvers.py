@@ -158,14 +158,18 @@ def solve_syllogism(entry: dict[str, Any], rng: random.Random) -> str | None:
     # first copy which terms each statement links: the branch below is then a comparison of two term pairs
     about = [f"Premise {k + 1} links {names[a]} and {names[b]}." for k, (_, a, b) in enumerate(prem)]
     about.append(f"The conclusion links {names[s]} and {names[p]}.")
+    # then look each conclusion term up in the premise lines: the branch is read off two short lookups
+    where = {t: [k + 1 for k, st in enumerate(prem) if t in st[1:]] for t in (s, p)}
+    about.append("Where they occur: " + "; ".join(
+        f"{names[t]} in premise {where[t][0]}" if len(where[t]) == 1 else f"{names[t]} in premises 1 and 2"
+        for t in (s, p)) + ".")
     together = [k for k, (_, a, b) in enumerate(prem) if {a, b} == {s, p}]
     if together:
         k = together[0]
         pq, x, y = prem[k]
         listed = [(cq, x, y) if same else (cq, y, x) for cq, same in _CONSEQUENCES[pq]]
         valid = concl in listed
-        steps = about + [f"Both terms of the conclusion are in premise {k + 1}, so it must follow from premise {k + 1} "
-                         "alone.",
+        steps = about + [f"Both are in premise {k + 1}, so it must follow from premise {k + 1} alone.",
                          f'Premise {k + 1} "{say(prem[k])}" gives: ' + "; ".join(say(st) for st in listed) + ".",
                          rng.choice(["The conclusion is in this list, so it follows." if valid else
                                      "The conclusion is not in this list, so it does not follow.",
@@ -181,7 +185,7 @@ def solve_syllogism(entry: dict[str, Any], rng: random.Random) -> str | None:
         concl_d = distributes(concl)
         lacking = [t for t in concl_d if t not in distributes(prem[home[t] - 1])]
         ok = {True: "ok", False: "broken"}
-        steps = about + [f"The conclusion's terms are in different premises, so the middle term is {names[m]}."]
+        steps = about + [f"They are in different premises, so the middle term is {names[m]}."]
         # every check copies a status written earlier next to the same term name (a lookup, not a search)
         status = lambda st, t: "distributed" if t in distributes(st) else "undistributed"
         quality = lambda st: "negative" if st[0] in _NEGATIVE else "affirmative"
