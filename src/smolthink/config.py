@@ -37,7 +37,7 @@ class ModelArgs:
     lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                     "modules that get LoRA adapters")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    max_tokens_per_forward: int = opt(1024, "split each micro-batch into forward/backward chunks of at most this many "
+    max_tokens_per_forward: int = opt(512, "split each micro-batch into forward/backward chunks of at most this many "
                                       "padded tokens (0: no split); same gradient, lower peak memory")
     threads: int = opt(0, "torch threads (0: all cores)")
     eval_n: int = opt(100, "held-out eval questions")
