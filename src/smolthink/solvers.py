@@ -150,10 +150,6 @@ def solve_syllogism(entry: dict[str, Any], rng: random.Random) -> str | None:
     def say(stmt: tuple[str, int, int]) -> str:
         return _PLAIN[stmt[0]].format(S=names[stmt[1]], P=names[stmt[2]])
 
-    def spread(stmt: tuple[str, int, int]) -> str:
-        d = [names[t] for t in distributes(stmt)]
-        return " and ".join(d) if d else "nothing"
-
     q, s, p = concl
     # first copy which terms each statement links: the branch below is then a comparison of two term pairs
     about = [f"Premise {k + 1} links {names[a]} and {names[b]}." for k, (_, a, b) in enumerate(prem)]
@@ -180,10 +176,8 @@ def solve_syllogism(entry: dict[str, Any], rng: random.Random) -> str | None:
         checks = rule_checks(prem, concl)
         valid = all(checks)
         n_neg = sum(st[0] in _NEGATIVE for st in prem)
-        home = {t: 1 + next(k for k, st in enumerate(prem) if t in st[1:]) for t in (s, p)}
-        mid_in = [k + 1 for k, st in enumerate(prem) if m in distributes(st)]
+        home = {t: where[t][0] for t in (s, p)}  # a standard syllogism's conclusion terms occur in one premise each
         concl_d = distributes(concl)
-        lacking = [t for t in concl_d if t not in distributes(prem[home[t] - 1])]
         ok = {True: "ok", False: "broken"}
         steps = about + [f"They are in different premises, so the middle term is {names[m]}."]
         # every check copies a status written earlier next to the same term name (a lookup, not a search)
@@ -203,9 +197,8 @@ def solve_syllogism(entry: dict[str, Any], rng: random.Random) -> str | None:
         steps.append("Rule 2 (conclusion terms): " + "; ".join(parts) + f", {ok[checks[1]]}.")
         steps.append("Rule 3 (negative premises): " + ", ".join(
             f"premise {k + 1} {quality(st)}" for k, st in enumerate(prem)) + f", {ok[checks[2]]}.")
-        steps.append(f"Rule 4 (quality): conclusion {quality(concl)}, "
-                     f"{'one negative premise' if n_neg == 1 else 'no negative premise' if n_neg == 0 else 'two negative premises'}"
-                     f", {ok[checks[3]]}.")
+        steps.append(f"Rule 4 (quality): conclusion {quality(concl)}, {['no', 'one', 'two'][n_neg]} negative "
+                     f"premise{'s' if n_neg == 2 else ''}, {ok[checks[3]]}.")
         broken = [str(r + 1) for r, good in enumerate(checks) if not good]
         steps.append(f"Broken rules: {', '.join(broken) if broken else 'none'}.")
         steps.append(rng.choice(_VALID if valid else _INVALID))
