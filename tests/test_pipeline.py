@@ -2,19 +2,8 @@
 stages on rerun."""
 import json
 
-import pytest
 
 from smolthink.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    from smolthink.models import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_model(vocab_size=len(tiny_tokenizer)).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
 
 
 SETS = ["eval_n=4", "eval_max_new_tokens=8", "num_traces=8", "threads=2",

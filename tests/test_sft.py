@@ -22,16 +22,6 @@ def _syllogism_trace(entry, flip=False):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    from smolthink.models import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_model(vocab_size=len(tiny_tokenizer)).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def traces(tmp_path_factory):
     """8 verified syllogism traces (written through make_traces with a template solver)."""
     from smolthink.data import make_traces

@@ -3,7 +3,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from smolthink.cli import main
@@ -17,16 +16,6 @@ FAST = ["prompts_per_rollout=2", "num_generations=4", "max_completion_length=12"
 
 # a dense toy reward, so that advantages (and gradients) are non-zero on a random tiny model
 TOY = ["correct_weight=0", "format_weight=0", "reward_functions=[toy_rewards:spaces]"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    from smolthink.models import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_model(vocab_size=len(tiny_tokenizer)).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
 
 
 def run(out, tiny_dir, *sets, resume=False):
