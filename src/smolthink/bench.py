@@ -139,7 +139,7 @@ def recipe_prompts(tok, n: int, seed: int) -> tuple[list[list[int]], list[dict]]
 def gemm_limit(reps: int = 7) -> dict[str, Any]:
     """fp32 GEMM GFLOP/s: x [M, 576] @ W [576, 1536] (the MLP shape) for M = 48 (decode batch) and 2048 (prefill /
     training), with torch.matmul (MKL) and oneDNN packed weights; median / min / max over `reps` samples."""
-    from .rollout.fast import _onednn_available
+    from .packed import onednn_available, pack_weight, packed_linear
 
     out: dict[str, Any] = {}
     K, N = 576, 1536
@@ -151,9 +151,9 @@ def gemm_limit(reps: int = 7) -> dict[str, Any]:
         flops = 2 * M * K * N
         iters = max(1, int(2e9 // flops))  # ~2 GFLOP per sample
         backends = {"mkl": lambda: torch.matmul(x, Wt)}
-        if _onednn_available():
-            Wp = torch.ops.mkldnn._reorder_linear_weight(W, M)
-            backends["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, Wp, None, "none", [], "")
+        if onednn_available():
+            Wp = pack_weight(W, M)
+            backends["onednn"] = lambda: packed_linear(x, Wp)
         for name, fn in backends.items():
             for _ in range(3):
                 fn()
@@ -164,18 +164,18 @@ def gemm_limit(reps: int = 7) -> dict[str, Any]:
                     fn()
                 samples.append(flops * iters / (time.perf_counter() - t0) / 1e9)
             out[f"{name}_m{M}"] = summarize(samples)
-    best48 = max(v["median"] for k, v in out.items() if k.endswith("_m48"))
-    out["limit_gflops_48"] = best48
-    if _onednn_available():  # weights streamed from memory as in a real forward (64 matrices, ~226 MB > caches)
+    out["limit_gflops_48"] = max(v["median"] for k, v in out.items() if k.endswith("_m48"))
+    out["limit_gflops_2048"] = max(v["median"] for k, v in out.items() if k.endswith("_m2048"))
+    if onednn_available():  # weights streamed from memory as in a real forward (64 matrices, ~226 MB > caches)
         x = torch.randn(48, K, generator=g)
-        packs = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(N, K, generator=g), 48) for _ in range(64)]
+        packs = [pack_weight(torch.randn(N, K, generator=g), 48) for _ in range(64)]
         for p in packs[:3]:
-            torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+            packed_linear(x, p)
         samples = []
         for _ in range(reps):
             t0 = time.perf_counter()
             for p in packs:
-                torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+                packed_linear(x, p)
             samples.append(2 * 48 * K * N * len(packs) / (time.perf_counter() - t0) / 1e9)
         out["onednn_m48_streamed"] = summarize(samples)
     return out
@@ -460,8 +460,33 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, A
     if "grpo" in parts:
         print("(c) GRPO steps", file=sys.stderr, flush=True)
         results["grpo"] = grpo_bench(args, argv)
+        if results.get("gemm"):
+            results["training_flops"] = training_flops(results, args)
     results["machine"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return results
+
+
+def training_flops(results: dict[str, Any], args) -> dict[str, Any] | None:
+    """smolthink's GRPO training throughput as GFLOP/s and % of the GEMM limit at 2048 rows (training shapes).
+    FLOPs per token: 4 x n_params (forward 2N + input-gradient backward 2N; the frozen base weights take no weight
+    gradient). Not counted: attention scores (~+10-15% at these lengths) and LoRA's own rank-r GEMMs (~+3%); over-
+    counted: the LM head (~20% of N) on prompt positions, which never run it. The two roughly cancel."""
+    side = (results.get("grpo") or {}).get("smolthink") or {}
+    tok_s = (side.get("train_tok_s_summary") or {}).get("median")
+    if not tok_s:
+        return None
+    n_params = (results.get("model") or {}).get("n_params")
+    if not n_params:
+        from .models import load_model
+
+        model, _ = load_model(args.model)
+        n_params = sum(p.numel() for p in model.parameters())
+        del model
+    gflops = tok_s * 4 * n_params / 1e9
+    limit = results["gemm"]["limit_gflops_2048"]
+    mkl = results["gemm"].get("mkl_m2048", {}).get("median")
+    return {"train_tok_s": tok_s, "flops_per_token": 4 * n_params, "gflops": gflops, "limit_gflops_2048": limit,
+            "pct_limit": 100 * gflops / limit, "pct_mkl_2048": 100 * gflops / mkl if mkl else None}
 
 
 def _fmt(s: dict | None, digits: int = 1) -> str:
@@ -530,6 +555,15 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"    {side + ver:14s} step {_fmt(v.get('step_s_summary'))}  rollout "
                          f"{_fmt(v.get('rollout_s_summary'))}  train {_fmt(v.get('train_s_summary'))}  "
                          f"peak RSS {v.get('peak_rss_gb') or float('nan'):.2f} GB")
+        sides = {k: v.get("step_s_summary", {}).get("median") for k, v in gr.items()}
+        if sides.get("trl") and sides.get("smolthink"):
+            lines.append(f"    smolthink / TRL seconds per step (medians): {sides['smolthink'] / sides['trl']:.2f}x")
+    tf = results.get("training_flops")
+    if tf:
+        mkl = f", {tf['pct_mkl_2048']:.0f}% of MKL's" if tf.get("pct_mkl_2048") else ""
+        lines.append(f"    smolthink training: {tf['train_tok_s']:.0f} tok/s x {tf['flops_per_token'] / 1e9:.2f} "
+                     f"GFLOP/token = {tf['gflops']:.0f} GFLOP/s = {tf['pct_limit']:.0f}% of the GEMM limit at 2048 rows "
+                     f"({tf['limit_gflops_2048']:.0f} GFLOP/s{mkl})")
     return "\n".join(lines)
 
 

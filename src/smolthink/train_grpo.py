@@ -24,6 +24,7 @@ from .grpo import group_advantages, policy_loss, zero_std_groups
 from .log import MetricsWriter, console, eval_table, step_line, write_jsonl
 from .logprobs import token_logprobs
 from .models import eos_ids, save_final
+from .packed import PackedLinears
 from .rewards import RewardConfig, load_functions, score_completions
 from .rollout import make_engine
 from .runtime import (load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads)
@@ -158,9 +159,17 @@ def plan_steps(buffer: ExperienceBuffer, cfg: GRPOConfig, fill: int) -> list[lis
 
 @torch.no_grad()
 def fill_old_logprobs(ctx: dict, buffer: ExperienceBuffer) -> float:
-    """Old per-token log-probs with the training numerics (same function, temperature and masks) -> seconds."""
-    cfg, model = ctx["cfg"], ctx["model"]
+    """Old per-token log-probs with the training numerics (same function, temperature, masks and packed layers)
+    -> seconds."""
     t0 = time.time()
+    with ctx["packed"].active():
+        _fill_old_logprobs(ctx, buffer)
+    return time.time() - t0
+
+
+def _fill_old_logprobs(ctx: dict, buffer: ExperienceBuffer) -> None:
+    """Set `old_logp` of every buffer item, minibatch_size sequences per forward in length order."""
+    cfg, model = ctx["cfg"], ctx["model"]
     order = sorted(range(len(buffer)), key=lambda i: len(buffer.items[i].prompt_ids) + len(buffer.items[i].completion_ids))
     for s in range(0, len(order), cfg.minibatch_size):
         idx = order[s : s + cfg.minibatch_size]
@@ -171,43 +180,50 @@ def fill_old_logprobs(ctx: dict, buffer: ExperienceBuffer) -> float:
             e = buffer.items[i]
             p = batch.prompt_lens[row]
             buffer.items[i].old_logp = logp[row, p : p + len(e.completion_ids)].cpu().clone()
-    return time.time() - t0
+
+
+def chunk_backward(ctx: dict, batch, n_seqs: int, n_tok: int) -> tuple[float, dict[str, Any]]:
+    """Forward and backward of one chunk of a step: per-token log-probs, the clipped surrogate normalised by the
+    whole step's sequence / token counts, gradients accumulated -> (loss value, loss stats)."""
+    cfg, model = ctx["cfg"], ctx["model"]
+    logp, entropy = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                   temperature=cfg.temperature, with_entropy=True)  # [n, T] each
+    ref = reference_logprobs(ctx, batch) if cfg.beta > 0 else None
+    old = batch.old_logp if batch.old_logp is not None else logp.detach()  # on-policy: ratio exactly 1
+    loss, stats = policy_loss(logp, old, batch.advantages, batch.completion_mask, epsilon=cfg.epsilon,
+                              epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                              max_completion_length=cfg.max_completion_length, ref_logp=ref, beta=cfg.beta,
+                              entropy=entropy, entropy_coef=cfg.entropy_coef,
+                              num_sequences_total=n_seqs, num_tokens_total=n_tok)
+    ctx["accelerator"].backward(loss)
+    return loss.item(), stats
 
 
 def optimizer_step(ctx: dict, buffer: ExperienceBuffer, minibatches: list[list[int]]) -> dict[str, float]:
-    """One optimizer step over gradient_accumulation minibatches; normalisers are the whole step's, so the
-    accumulated gradient equals the big-batch gradient."""
-    cfg, model, opt = ctx["cfg"], ctx["model"], ctx["optimizer"]
+    """One optimizer step over gradient_accumulation minibatches, each split into chunks of at most
+    max_tokens_per_forward tokens; normalisers are the whole step's, so the accumulated gradient equals the
+    big-batch gradient."""
+    cfg = ctx["cfg"]
     t0 = time.time()
     n_seqs = sum(len(mb) for mb in minibatches)
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
     totals: dict[str, float] = {}
     tokens_seen = 0
     chunks = [c for mb in minibatches for c in buffer.split_by_tokens(mb, cfg.max_tokens_per_forward)]
-    for mb in chunks:
-        batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(ctx["accelerator"].device)
-        logp, entropy = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                                       temperature=cfg.temperature, with_entropy=True)
-        old = batch.old_logp if batch.old_logp is not None else logp.detach()
-        ref = None
-        if cfg.beta > 0:
-            ref = reference_logprobs(ctx, batch)
-        loss, stats = policy_loss(logp, old, batch.advantages, batch.completion_mask, epsilon=cfg.epsilon,
-                                  epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                                  max_completion_length=cfg.max_completion_length, ref_logp=ref, beta=cfg.beta,
-                                  entropy=entropy, entropy_coef=cfg.entropy_coef,
-                                  num_sequences_total=n_seqs, num_tokens_total=n_tok)
-        ctx["accelerator"].backward(loss)
-        weight = batch.completion_mask.sum().item() / max(n_tok, 1)
-        totals["loss/total"] = totals.get("loss/total", 0.0) + loss.item()
-        for k, v in stats.items():
-            if k.endswith("/min"):
-                totals[k] = min(totals.get(k, float("inf")), float(v))
-            elif k.endswith("/max"):
-                totals[k] = max(totals.get(k, float("-inf")), float(v))
-            else:
-                totals[k] = totals.get(k, 0.0) + float(v) * weight
-        tokens_seen += int(batch.attention_mask.sum())
+    with ctx["packed"].active():  # forward and backward (checkpointed head chunks recompute in backward)
+        for mb in chunks:
+            batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(ctx["accelerator"].device)
+            loss, stats = chunk_backward(ctx, batch, n_seqs, n_tok)
+            weight = batch.completion_mask.sum().item() / max(n_tok, 1)
+            totals["loss/total"] = totals.get("loss/total", 0.0) + loss
+            for k, v in stats.items():
+                if k.endswith("/min"):
+                    totals[k] = min(totals.get(k, float("inf")), float(v))
+                elif k.endswith("/max"):
+                    totals[k] = max(totals.get(k, float("-inf")), float(v))
+                else:
+                    totals[k] = totals.get(k, 0.0) + float(v) * weight
+            tokens_seen += int(batch.attention_mask.sum())
     grad_norm = clip_and_step(ctx)
     seconds = time.time() - t0
     totals.update({"grad_norm": grad_norm, "lr": ctx["scheduler"].get_last_lr()[0], "perf/train_s": seconds,
@@ -272,7 +288,8 @@ def setup(cfg: GRPOConfig, out_dir: Path) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.max_steps)
     return {"cfg": cfg, "specs": specs, "train": train, "eval": eval_set, "model": model, "tok": tok,
-            "eval_prompts": render_prompts(tok, eval_set), "accelerator": accelerator, "optimizer": optimizer,
+            "packed": PackedLinears(model, cfg.packed_linears), "eval_prompts": render_prompts(tok, eval_set),
+            "accelerator": accelerator, "optimizer": optimizer,
             "scheduler": scheduler, "prefill": template_prefill(tok),
             "engine": make_engine(cfg.engine, model, eos_ids(tok, model), tok.pad_token_id),
             "reward_cfg": RewardConfig(cfg.correct_weight, cfg.format_weight, cfg.strict_scoring, cfg.length_penalty,

@@ -28,6 +28,7 @@ from .config import SFTConfig, save_config
 from .errors import SmolthinkError
 from .log import MetricsWriter, console, eval_table, fmt_duration, write_json
 from .logprobs import token_logprobs
+from .packed import PackedLinears
 from .models import eos_ids, save_final
 from .runtime import load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads
 from .stage import eval_metrics, eval_to_dir
@@ -120,12 +121,13 @@ def optimizer_step(ctx: dict, minibatches: list[list[int]]) -> dict[str, float]:
     t0 = time.time()
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
     loss_sum, tokens_seen = 0.0, 0
-    for mb in [c for mb in minibatches for c in buffer.split_by_tokens(mb, cfg.max_tokens_per_forward)]:
-        batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(next(model.parameters()).device)
-        loss, _ = sft_loss(model, batch, n_tok)
-        loss.backward()
-        loss_sum += loss.item()
-        tokens_seen += int(batch.attention_mask.sum())
+    with ctx["packed"].active():  # forward and backward (checkpointed head chunks recompute in backward)
+        for mb in [c for mb in minibatches for c in buffer.split_by_tokens(mb, cfg.max_tokens_per_forward)]:
+            batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(next(model.parameters()).device)
+            loss, _ = sft_loss(model, batch, n_tok)
+            loss.backward()
+            loss_sum += loss.item()
+            tokens_seen += int(batch.attention_mask.sum())
     params = ctx["params"]
     if cfg.max_grad_norm > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -203,6 +205,7 @@ def setup(cfg: SFTConfig, out_dir: Path, traces_path: Path | None, resume: bool)
     return {"cfg": cfg, "specs": specs, "eval": eval_set, "model": model, "tok": tok, "buffer": buffer,
             "traces": traces, "data_stats": data_stats, "steps_per_epoch": per_epoch, "total": total,
             "optimizer": optimizer, "scheduler": scheduler, "params": [p for p in model.parameters() if p.requires_grad],
+            "packed": PackedLinears(model, cfg.packed_linears),
             "eval_prompts": render_prompts(tok, eval_set), "prefill": template_prefill(tok),
             "engine": make_engine("auto", model, eos_ids(tok, model), tok.pad_token_id), "plans": {}}
 

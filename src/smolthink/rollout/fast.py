@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..types import Rollout, SamplingParams
+from ..packed import onednn_available, pack_weight, packed_linear
 from .base import split_completion
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -122,27 +123,6 @@ def _nucleus_mask_sorted(sorted_probs: torch.Tensor, top_p: float) -> torch.Tens
 # Weights
 
 
-def _onednn_available() -> bool:
-    """True when oneDNN's packed linear works here and agrees with F.linear (checked once per process)."""
-    global _ONEDNN
-    if _ONEDNN is None:
-        _ONEDNN = False
-        if os.environ.get("SMOLTHINK_FAST_NO_ONEDNN") or not torch.backends.mkldnn.is_available():
-            return False
-        try:
-            g = torch.Generator().manual_seed(0)
-            w, x = torch.randn(24, 16, generator=g), torch.randn(5, 16, generator=g)
-            y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 8), None,
-                                                   "none", [], "")
-            _ONEDNN = bool(torch.allclose(y, F.linear(x, w), atol=1e-5, rtol=1e-5))
-        except Exception:  # noqa: BLE001 - any failure means "not available"
-            _ONEDNN = False
-    return _ONEDNN
-
-
-_ONEDNN: bool | None = None
-
-
 def _plain(module) -> bool:
     return type(module) in (torch.nn.Linear, torch.nn.Embedding)
 
@@ -221,7 +201,7 @@ class Weights:
     # linear layers: oneDNN with packed weights (fused epilogues) or F.linear
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+            return packed_linear(x, w, b)
         return F.linear(x, w, b)
 
     def linear_add(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
@@ -285,7 +265,7 @@ def extract_weights(model, onednn: bool | None = None, pack_rows: int = 64) -> W
     """fp32 weights of a Llama-like model (LoRA folded in), rearranged as described in `Weights` and packed for
     oneDNN when `onednn` (None: when available). The model is not modified."""
     base, cfg = _check_supported(model)
-    use_dnn = _onednn_available() if onednn is None else bool(onednn and _onednn_available())
+    use_dnn = onednn_available() if onednn is None else bool(onednn and onednn_available())
     inner = base.model
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
@@ -297,7 +277,7 @@ def extract_weights(model, onednn: bool | None = None, pack_rows: int = 64) -> W
 
     def pack(w):
         w = w.detach().to(torch.float32).contiguous()
-        return torch.ops.mkldnn._reorder_linear_weight(w, pack_rows) if use_dnn else w
+        return pack_weight(w, pack_rows) if use_dnn else w
 
     def qkv_part(t, heads, scale):
         """q or k weight/bias rows: interleaved RoPE pairs, q scaled."""
