@@ -245,7 +245,7 @@ class PipelineConfig:
     eval_n: int = opt(400, "held-out eval questions (balanced) for base, SFT and final evals")
     eval_max_new_tokens: int = opt(256, "eval generation length")
     data_source: str = opt("scripted", "warm-up traces: scripted | teacher | api")
-    num_traces: int = opt(640, "warm-up traces to keep")
+    num_traces: int = opt(1280, "warm-up traces to keep (SFT: one epoch of 160 steps at 8 per step)")
     teacher_model: str | None = opt(None, "local teacher model for data_source=teacher (default: the policy)")
     sft: dict = opt({"num_epochs": 1, "learning_rate": 4e-4}, "SFTConfig overrides for the SFT stage")
     grpo: dict = opt({"max_steps": 10, "max_completion_length": 256}, "GRPOConfig overrides for the GRPO stage")
