@@ -66,6 +66,24 @@ def test_fused_lora_matches_peft_across_optimizer_steps():
     assert (seen[0] - seen[-1]).abs().max() > 1e-2
 
 
+def test_packs_follow_a_step_inside_one_block_and_are_dropped_on_exit():
+    model = lora_tiny()
+    packs = PackedLinears(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    data = batch(2)
+    with packs.active():
+        before, _ = token_logprobs(model, *data)
+        before.sum().backward()
+        opt.step()  # A and B change in place: their version counters move, the merged packs must be rebuilt
+        with torch.no_grad():
+            after, _ = token_logprobs(model, *data)
+    assert all(getattr(p, "wm", None) is None and getattr(p, "w", None) is None for p in packs.packs)
+    with torch.no_grad():
+        ref, _ = token_logprobs(model, *data)
+    assert (after - before.detach()).abs().max() > 1e-2
+    assert torch.allclose(after, ref, atol=2e-5)
+
+
 def test_lora_fn_gradients_by_hand():
     """dx = dy (W + s B A), dA = s (dy B)^T x, dB = s dy^T (x A^T), checked with autograd on the plain formula."""
     from smolthink.packed import pack_weight

@@ -18,7 +18,7 @@ restores the original forward on exit:
 Same fp32 arithmetic, different summation order: outputs agree with the peft / `F.linear` path to ~1e-6 relative,
 and one input always gives the same output, so old and new log-probs computed under `active()` still give an
 importance ratio of exactly 1 on-policy. Memory: two packed copies of every prepared weight (about 1.1 GB for
-SmolLM2-135M). Anything else (a disabled adapter for the reference pass, bf16, CUDA) runs the original forward.
+SmolLM2-135M), held only inside `active()`. Anything else (a disabled adapter for the reference pass, bf16, CUDA) runs the original forward.
 """
 from __future__ import annotations
 
@@ -94,6 +94,11 @@ class _FrozenPacks:
             self.wt = pack_weight(w.detach().t(), self.rows_hint)  # [in, out] packed
             self.version = w._version
 
+    def release(self) -> None:
+        """Drop the packs (rebuilt on the next use)."""
+        self.w = self.wt = None
+        self.version = -1
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """The patched nn.Linear forward: x [..., in] -> [..., out]."""
         if args or kwargs or x.dtype != torch.float32 or x.device.type != "cpu":
@@ -155,6 +160,11 @@ class _LoraPacks:
             self.wm = pack_weight(merged, self.rows_hint)
             self.wmt = pack_weight(merged.t(), self.rows_hint)
             self.versions = versions
+
+    def release(self) -> None:
+        """Drop the packs (rebuilt on the next use)."""
+        self.wm = self.wmt = None
+        self.versions = ()
 
     def usable(self, x: Tensor, args: tuple, kwargs: dict) -> bool:
         """The fused path applies: plain call, adapter on and unmerged, the same single adapter, fp32 CPU input."""
@@ -233,7 +243,10 @@ class PackedLinears:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        """Within the block the frozen layers run through their packed weights; restored on exit."""
+        """Within the block the prepared layers run through their packed weights; on exit the original forwards
+        are restored and the packs dropped. Nothing is lost: a LoRA layer's merged weight changes with every
+        optimizer step anyway, and re-packing a frozen layer costs milliseconds; rollouts and evals between
+        training phases get the memory back."""
         for p in self.packs:
             p.module.forward = p.forward  # instance attribute shadows nn.Linear.forward
         try:
@@ -241,3 +254,4 @@ class PackedLinears:
         finally:
             for p in self.packs:
                 p.module.__dict__.pop("forward", None)
+                p.release()
