@@ -138,3 +138,13 @@ def test_nothing_packed_when_off_or_fully_trainable():
     assert len(PackedLinears(model, enabled=False)) == 0
     full = tiny_model(vocab_size=64)  # full fine-tuning: every weight trains, nothing is frozen
     assert len(PackedLinears(full)) == 0
+
+
+def test_mmap_threshold_is_pinned_on_glibc():
+    import platform
+
+    from smolthink.runtime import fixed_mmap_threshold
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert fixed_mmap_threshold() is True

@@ -15,7 +15,23 @@ def set_threads(n: int = 0) -> int:
     if n <= 0:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(n)
+    fixed_mmap_threshold()
     return n
+
+
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Pin glibc's mmap threshold so blocks of >= nbytes are mmapped and go back to the OS when freed.
+
+    glibc raises the threshold (up to 32 MB) each time an mmapped block is freed, after which the multi-MB packed
+    weights rebuilt every training step (`packed.PackedLinears`) land on the heap and fragment it: peak RSS then
+    creeps up step after step. Returns False where there is no glibc (macOS, musl): nothing to do there."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
 
 
 def render_prompts(tokenizer, examples: Sequence[Example], few_shot: Sequence[tuple[str, str]] = ()) -> list[list[int]]:
