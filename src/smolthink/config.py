@@ -39,8 +39,8 @@ class ModelArgs:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     max_tokens_per_forward: int = opt(512, "split each micro-batch into forward/backward chunks of at most this many "
                                       "padded tokens (0: no split); same gradient, lower peak memory")
-    packed_linears: bool = opt(True, "CPU fp32: frozen linear layers (LoRA base weights, LM head) train through "
-                                     "oneDNN packed weights (faster GEMMs, same math)")
+    packed_linears: bool = opt(True, "CPU fp32: LoRA layers (merged W + sBA) and frozen layers (LM head) train "
+                                     "through oneDNN packed weights (faster GEMMs, same math, ~1.1 GB more)")
     threads: int = opt(0, "torch threads (0: all cores)")
     eval_n: int = opt(100, "held-out eval questions")
     eval_balanced: bool = opt(True, "balance answer classes of the eval set (e.g. 50% Yes / 50% No)")

@@ -18,12 +18,12 @@ restores the original forward on exit:
 Same fp32 arithmetic, different summation order: outputs agree with the peft / `F.linear` path to ~1e-6 relative,
 and one input always gives the same output, so old and new log-probs computed under `active()` still give an
 importance ratio of exactly 1 on-policy. Memory: two packed copies of every prepared weight (about 1.1 GB for
-SmolLM2-135M), held only inside `active()`. Anything else (a disabled adapter for the reference pass, bf16, CUDA) runs the original forward.
+SmolLM2-135M), held only inside `active()`. Anything else (a disabled adapter for the reference pass, bf16, CUDA)
+runs the original forward.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from typing import Iterator
 
@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-log = logging.getLogger(__name__)
 _ONEDNN: bool | None = None
 
 
@@ -178,7 +177,7 @@ class _LoraPacks:
         if not self.usable(x, args, kwargs):
             return type(self.module).forward(self.module, x, *args, **kwargs)
         self.refresh()
-        w, a, b, scale = self.parts()
+        _, a, b, scale = self.parts()
         return LoraLinearFn.apply(x, a, b, self.wm, self.wmt, self.module.base_layer.bias, scale)
 
 

@@ -28,8 +28,8 @@ from .config import SFTConfig, save_config
 from .errors import SmolthinkError
 from .log import MetricsWriter, console, eval_table, fmt_duration, write_json
 from .logprobs import token_logprobs
-from .packed import PackedLinears
 from .models import eos_ids, save_final
+from .packed import PackedLinears
 from .runtime import load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads
 from .stage import eval_metrics, eval_to_dir
 from .tasks import make_examples, parse_tasks

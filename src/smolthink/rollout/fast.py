@@ -33,8 +33,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..types import Rollout, SamplingParams
 from ..packed import onednn_available, pack_weight, packed_linear
+from ..types import Rollout, SamplingParams
 from .base import split_completion
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
