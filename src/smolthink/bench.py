@@ -139,7 +139,7 @@ def recipe_prompts(tok, n: int, seed: int) -> tuple[list[list[int]], list[dict]]
 def gemm_limit(reps: int = 7) -> dict[str, Any]:
     """fp32 GEMM GFLOP/s: x [M, 576] @ W [576, 1536] (the MLP shape) for M = 48 (decode batch) and 2048 (prefill /
     training), with torch.matmul (MKL) and oneDNN packed weights; median / min / max over `reps` samples."""
-    from .packed import onednn_available, pack_weight, packed_linear
+    from .onednn import onednn_available, onednn_linear, pack_weight
 
     out: dict[str, Any] = {}
     K, N = 576, 1536
@@ -153,7 +153,7 @@ def gemm_limit(reps: int = 7) -> dict[str, Any]:
         backends = {"mkl": lambda: torch.matmul(x, Wt)}
         if onednn_available():
             Wp = pack_weight(W, M)
-            backends["onednn"] = lambda: packed_linear(x, Wp)
+            backends["onednn"] = lambda: onednn_linear(x, Wp)
         for name, fn in backends.items():
             for _ in range(3):
                 fn()
@@ -170,12 +170,12 @@ def gemm_limit(reps: int = 7) -> dict[str, Any]:
         x = torch.randn(48, K, generator=g)
         packs = [pack_weight(torch.randn(N, K, generator=g), 48) for _ in range(64)]
         for p in packs[:3]:
-            packed_linear(x, p)
+            onednn_linear(x, p)
         samples = []
         for _ in range(reps):
             t0 = time.perf_counter()
             for p in packs:
-                packed_linear(x, p)
+                onednn_linear(x, p)
             samples.append(2 * 48 * K * N * len(packs) / (time.perf_counter() - t0) / 1e9)
         out["onednn_m48_streamed"] = summarize(samples)
     return out

@@ -24,10 +24,11 @@ from .grpo import group_advantages, policy_loss, zero_std_groups
 from .log import MetricsWriter, console, eval_table, step_line, write_jsonl
 from .logprobs import token_logprobs
 from .models import eos_ids, save_final
-from .packed import PackedLinears
+from .onednn import OneDNNLinears
 from .rewards import RewardConfig, load_functions, score_completions
 from .rollout import make_engine
-from .runtime import (load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads)
+from .runtime import (load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads,
+                      trim_heap)
 from .scoring import Scorer
 from .stage import eval_metrics, eval_to_dir
 from .tasks import parse_tasks, train_eval_split
@@ -159,10 +160,10 @@ def plan_steps(buffer: ExperienceBuffer, cfg: GRPOConfig, fill: int) -> list[lis
 
 @torch.no_grad()
 def fill_old_logprobs(ctx: dict, buffer: ExperienceBuffer) -> float:
-    """Old per-token log-probs with the training numerics (same function, temperature, masks and packed layers)
+    """Old per-token log-probs with the training numerics (same function, temperature, masks and oneDNN layers)
     -> seconds."""
     t0 = time.time()
-    with ctx["packed"].active():
+    with ctx["onednn"].active():
         _fill_old_logprobs(ctx, buffer)
     return time.time() - t0
 
@@ -210,7 +211,7 @@ def optimizer_step(ctx: dict, buffer: ExperienceBuffer, minibatches: list[list[i
     totals: dict[str, float] = {}
     tokens_seen = 0
     chunks = [c for mb in minibatches for c in buffer.split_by_tokens(mb, cfg.max_tokens_per_forward)]
-    with ctx["packed"].active():  # forward and backward (checkpointed head chunks recompute in backward)
+    with ctx["onednn"].active():  # forward and backward (checkpointed head chunks recompute in backward)
         for mb in chunks:
             batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(ctx["accelerator"].device)
             loss, stats = chunk_backward(ctx, batch, n_seqs, n_tok)
@@ -267,10 +268,13 @@ def reference_logprobs(ctx: dict, batch) -> torch.Tensor:
 def run_eval(ctx: dict, out_dir: Path, step: int) -> dict[str, Any]:
     """Greedy eval on the held-out set -> eval/step_XXXXXX.json (+ completions)."""
     cfg = ctx["cfg"]
-    return eval_to_dir(ctx["model"], ctx["tok"], ctx["engine"], ctx["eval"], ctx["eval_prompts"], ctx["scorer"],
-                       ctx["specs"], out_dir, step, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length,
-                       model_name=cfg.model or "embedded", task=str(cfg.task), reward_cfg=ctx["reward_cfg"],
-                       prefill=ctx["prefill"], seed=cfg.seed)
+    try:
+        return eval_to_dir(ctx["model"], ctx["tok"], ctx["engine"], ctx["eval"], ctx["eval_prompts"], ctx["scorer"],
+                           ctx["specs"], out_dir, step, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length,
+                           model_name=cfg.model or "embedded", task=str(cfg.task), reward_cfg=ctx["reward_cfg"],
+                           prefill=ctx["prefill"], seed=cfg.seed)
+    finally:
+        trim_heap()
 
 
 def setup(cfg: GRPOConfig, out_dir: Path) -> dict[str, Any]:
@@ -288,7 +292,7 @@ def setup(cfg: GRPOConfig, out_dir: Path) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.max_steps)
     return {"cfg": cfg, "specs": specs, "train": train, "eval": eval_set, "model": model, "tok": tok,
-            "packed": PackedLinears(model, cfg.packed_linears), "eval_prompts": render_prompts(tok, eval_set),
+            "onednn": OneDNNLinears(model, cfg.onednn_linears), "eval_prompts": render_prompts(tok, eval_set),
             "accelerator": accelerator, "optimizer": optimizer,
             "scheduler": scheduler, "prefill": template_prefill(tok),
             "engine": make_engine(cfg.engine, model, eos_ids(tok, model), tok.pad_token_id),
@@ -365,6 +369,7 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
             if not state.plan:
                 fill_state = dataclasses.replace(state)
                 exps, fill_stats, samples = collect_experience(ctx, fill_state)
+                trim_heap()  # the rollout's KV caches are gone: hand their pages back before training
                 buffer.clear()
                 buffer.extend(exps)
                 state.rollouts, state.data_pos = fill_state.rollouts, fill_state.data_pos
@@ -377,6 +382,7 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
                     state.fill_stats["perf/old_logp_s"] = fill_old_logprobs(ctx, buffer)
             # ---- 3c. one optimizer step ----
             step_stats = optimizer_step(ctx, buffer, state.plan[0])
+            trim_heap()  # activations and merged weights are gone: hand their pages back
             state.plan.pop(0)
             state.step += 1
             # ---- 3d. log ----

@@ -29,8 +29,9 @@ from .errors import SmolthinkError
 from .log import MetricsWriter, console, eval_table, fmt_duration, write_json
 from .logprobs import token_logprobs
 from .models import eos_ids, save_final
-from .packed import PackedLinears
-from .runtime import load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads
+from .onednn import OneDNNLinears
+from .runtime import (load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads,
+                      trim_heap)
 from .stage import eval_metrics, eval_to_dir
 from .tasks import make_examples, parse_tasks
 
@@ -121,7 +122,7 @@ def optimizer_step(ctx: dict, minibatches: list[list[int]]) -> dict[str, float]:
     t0 = time.time()
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
     loss_sum, tokens_seen = 0.0, 0
-    with ctx["packed"].active():  # forward and backward (checkpointed head chunks recompute in backward)
+    with ctx["onednn"].active():  # forward and backward (checkpointed head chunks recompute in backward)
         for mb in [c for mb in minibatches for c in buffer.split_by_tokens(mb, cfg.max_tokens_per_forward)]:
             batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(next(model.parameters()).device)
             loss, _ = sft_loss(model, batch, n_tok)
@@ -205,7 +206,7 @@ def setup(cfg: SFTConfig, out_dir: Path, traces_path: Path | None, resume: bool)
     return {"cfg": cfg, "specs": specs, "eval": eval_set, "model": model, "tok": tok, "buffer": buffer,
             "traces": traces, "data_stats": data_stats, "steps_per_epoch": per_epoch, "total": total,
             "optimizer": optimizer, "scheduler": scheduler, "params": [p for p in model.parameters() if p.requires_grad],
-            "packed": PackedLinears(model, cfg.packed_linears),
+            "onednn": OneDNNLinears(model, cfg.onednn_linears),
             "eval_prompts": render_prompts(tok, eval_set), "prefill": template_prefill(tok),
             "engine": make_engine("auto", model, eos_ids(tok, model), tok.pad_token_id), "plans": {}}
 
@@ -221,6 +222,7 @@ def run_eval(ctx: dict, out_dir: Path, step: int) -> dict[str, Any]:
                            seed=cfg.seed)
     finally:
         model.train()
+        trim_heap()
 
 
 def save(ctx: dict, out_dir: Path, state: SFTState) -> Path:
@@ -294,6 +296,7 @@ def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False, traces_path: 
             t_step = time.time()
             # ---- 3a. one optimizer step ----
             m = optimizer_step(ctx, next_step(ctx, state))
+            trim_heap()  # activations and merged weights are gone: hand their pages back
             state.pos += 1
             state.step += 1
             # ---- 3b. log ----

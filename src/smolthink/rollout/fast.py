@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..packed import onednn_available, pack_weight, packed_linear
+from ..onednn import onednn_available, onednn_linear, pack_weight
 from ..types import Rollout, SamplingParams
 from .base import split_completion
 
@@ -201,7 +201,7 @@ class Weights:
     # linear layers: oneDNN with packed weights (fused epilogues) or F.linear
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self.onednn:
-            return packed_linear(x, w, b)
+            return onednn_linear(x, w, b)
         return F.linear(x, w, b)
 
     def linear_add(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
