@@ -139,3 +139,70 @@ def test_split_by_tokens_bounds_padded_size():
         for c in chunks:
             assert len(c) == 1 or len(c) * max(buf.seq_len(i) for i in c) <= budget
     assert len(buf.split_by_tokens(idx, 1000)) == 1 and len(buf.split_by_tokens(idx, 1)) == len(lens)
+
+
+def test_prompt_chunks_group_by_prompt_within_the_budget():
+    buf = ExperienceBuffer()
+    prompts = [[1, 2, 3], [4, 5], [1, 2, 3], [4, 5], [1, 2, 3], [9]]
+    lens = [4, 2, 6, 3, 1, 5]
+    for p, n in zip(prompts, lens):
+        buf.add(Experience(p, [7] * n, None, 0.0, 0.0))
+    idx = list(range(len(prompts)))
+    # by prompt, shortest first; prompt [1, 2, 3] with lengths 1, 4, 6: (3 + 1) + (3 + 2 x 6) < 3 + 3 x 6
+    assert buf.prompt_chunks(idx, 0) == [[4], [0, 2], [1, 3], [5]]
+    for budget in (1, 8, 12, 100):
+        chunks = buf.prompt_chunks(idx, budget)
+        assert sorted(i for c in chunks for i in c) == idx  # every item once
+        for c in chunks:
+            assert len({tuple(buf.items[i].prompt_ids) for i in c}) == 1
+            p = len(buf.items[c[0]].prompt_ids)
+            assert len(c) == 1 or p + len(c) * max(len(buf.items[i].completion_ids) for i in c) <= budget
+
+
+def test_cheapest_cuts_trade_prompt_reruns_against_padding():
+    from smolthink.buffer import _cheapest_cuts
+
+    # a long prompt: one chunk beats re-running it, however much the short rows pad
+    assert _cheapest_cuts(100, [1, 2, 50], 0) == [(0, 3)]
+    # a short prompt: the long row goes alone (2 + 1 + 2 + 2 + 50 = 57 < 2 + 3 x 50 = 152)
+    assert _cheapest_cuts(2, [1, 2, 50], 0) == [(0, 2), (2, 3)]
+    # the budget forces cuts; the cheapest feasible ones are chosen: (10 + 2 x 3) + (10 + 2 x 9) = 44
+    assert _cheapest_cuts(10, [2, 3, 8, 9], 30) == [(0, 2), (2, 4)]
+    # brute force over every set of cut points agrees on random cases
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lens = sorted(rng.randint(1, 40) for _ in range(rng.randint(1, 7)))
+        p, budget = rng.randint(1, 60), rng.choice([0, 50, 90, 200])
+
+        def cost(runs):
+            return sum(p + (b - a) * lens[b - 1] for a, b in runs)
+
+        def ok(runs):
+            return all(b - a == 1 or budget == 0 or p + (b - a) * lens[b - 1] <= budget for a, b in runs)
+
+        n = len(lens)
+        options = []
+        for k in range(n):
+            for cuts in itertools.combinations(range(1, n), k):
+                edges = [0, *cuts, n]
+                runs = list(zip(edges, edges[1:]))
+                if ok(runs):
+                    options.append(cost(runs))
+        got = _cheapest_cuts(p, lens, budget)
+        assert ok(got) and [a for a, _ in got] == sorted(a for a, _ in got) and cost(got) == min(options)
+
+
+def test_collate_shared_masks_from_lengths_and_one_prompt_only():
+    buf, data = make_buffer()
+    buf.add(Experience([5, 6, 7], [EOS], torch.tensor([-1.5]), 3.0, 0.0))
+    b = buf.collate_shared([0, 4], pad_id=EOS)
+    assert b.prompt_ids.tolist() == [[5, 6, 7]]
+    assert b.completion_ids.tolist() == [[8, 9, EOS], [EOS, EOS, EOS]]
+    assert b.completion_mask.tolist() == [[1, 1, 1], [1, 0, 0]]  # the real EOS is in, the padding out
+    assert b.old_logp.tolist() == [[-5.0, -4.0, -3.0], [-1.5, 0.0, 0.0]]
+    assert b.advantages.tolist() == [0.0, 3.0] and b.completion_lens == [3, 1]
+    with pytest.raises(ValueError, match="share one prompt"):
+        buf.collate_shared([0, 1], pad_id=EOS)

@@ -124,3 +124,40 @@ def test_empty_completion_mask_and_bad_chunk():
     assert (lp == 0).all() and (ent == 0).all()
     with pytest.raises(ValueError):
         token_logprobs(model, ids, attn, comp, chunk_size=0)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_matches_the_concatenated_sequences(lora):
+    """One prompt + three completions of different lengths, the prompt run once on a KV cache: the same
+    log-probs, entropies and gradients as token_logprobs on the three full sequences."""
+    from smolthink.logprobs import shared_prompt_logprobs
+
+    model = tiny_lora() if lora else tiny()
+    prompt = [1, 5, 9, 13, 21]
+    comps = [[30, 31, EOS], [40, EOS], [50, 51, 52, 53, EOS]]
+    n, p, c = len(comps), len(prompt), max(map(len, comps))
+    ids = torch.full((n, p + c), EOS)
+    attn, full_comp = torch.zeros(n, p + c, dtype=torch.long), torch.zeros(n, p + c, dtype=torch.long)
+    cids, cmask = torch.full((n, c), EOS), torch.zeros(n, c, dtype=torch.long)
+    for r, comp in enumerate(comps):
+        ids[r, : p + len(comp)] = torch.tensor(prompt + comp)
+        attn[r, : p + len(comp)] = 1
+        full_comp[r, p : p + len(comp)] = 1
+        cids[r, : len(comp)] = torch.tensor(comp)
+        cmask[r, : len(comp)] = 1
+    params = [q for q in model.parameters() if q.requires_grad]
+
+    def run(fn):
+        for q in params:
+            q.grad = None
+        lp, ent = fn()
+        (lp.sum() + 0.3 * ent.sum()).backward()
+        return lp.detach(), ent.detach(), [q.grad.clone() for q in params]
+
+    lp, ent, g = run(lambda: token_logprobs(model, ids, attn, full_comp, temperature=0.7, with_entropy=True))
+    slp, sent, sg = run(lambda: shared_prompt_logprobs(model, torch.tensor([prompt]), cids, cmask,
+                                                       temperature=0.7, with_entropy=True))
+    assert torch.allclose(slp, lp[:, p:], atol=1e-5) and torch.allclose(sent, ent[:, p:], atol=1e-5)
+    assert (slp[cmask == 0] == 0).all() and (slp[cmask == 1] < 0).all()
+    for a, b in zip(sg, g):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

@@ -132,3 +132,21 @@ def test_token_budget_split_keeps_the_step(tmp_path, tiny_dir):
     keys = ["loss/total", "grad_norm", "reward/mean"]
     for a, b in zip(metrics(whole), metrics(split)):
         assert all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in keys), (a, b)
+
+
+def test_shared_prompts_keep_the_step(tmp_path, tiny_dir):
+    """Running each group's prompt once (share_prompts) gives the same optimizer steps as full sequences, also
+    off-policy (old log-probs and the clipped ratio), whole groups per forward or one row per forward."""
+    common = ["max_steps=4", "eval_n=0", "learning_rate=1e-3", "num_iterations=2", *TOY]
+    whole, single, full = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run(whole, tiny_dir, *common, "max_tokens_per_forward=0")
+    run(single, tiny_dir, *common, "max_tokens_per_forward=1")
+    run(full, tiny_dir, *common, "share_prompts=false")
+    keys = ["loss/total", "grad_norm", "reward/mean", "ratio/mean"]
+    rows = list(zip(metrics(whole), metrics(single), metrics(full)))
+    assert len(rows) == 4
+    for a, b, c in rows:
+        for x in (a, b):
+            assert all(abs(x[k] - c[k]) <= 1e-4 * max(1.0, abs(c[k])) for k in keys), (x, c)
+        assert a["perf/train_computed_tok_s"] < 0.6 * a["perf/train_tok_s"]  # 4 completions share each prompt
+        assert c["perf/train_computed_tok_s"] == c["perf/train_tok_s"]

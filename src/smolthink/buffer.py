@@ -45,6 +45,52 @@ class Batch:
                      move(self.old_logp), move(self.advantages), self.prompt_lens, self.completion_lens)
 
 
+@dataclass
+class SharedBatch:
+    """n completions of one prompt (see `logprobs.shared_prompt_logprobs`), right-padded to C = the longest.
+    Tensors are [n, C] over completion positions only, so a loss written for Batch (logp, old_logp, mask of
+    the same shape) applies unchanged."""
+
+    prompt_ids: Tensor  # [1, P]
+    completion_ids: Tensor  # [n, C]
+    completion_mask: Tensor  # [n, C] 1 on completion tokens (final EOS included), from the lengths
+    old_logp: Tensor | None  # [n, C] float32, 0 on padding
+    advantages: Tensor  # [n]
+    completion_lens: list[int]
+
+    def to(self, device) -> "SharedBatch":
+        """The same batch on another device."""
+        move = lambda t: t.to(device) if t is not None else None
+        return SharedBatch(move(self.prompt_ids), move(self.completion_ids), move(self.completion_mask),
+                           move(self.old_logp), move(self.advantages), self.completion_lens)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[n, C]: the completion tokens (the prompt is real for every row); counts the completion tokens."""
+        return self.completion_mask
+
+
+def _cheapest_cuts(prompt_len: int, lens: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Split ascending completion lengths into contiguous runs [a, b) minimising the sum of
+    prompt_len + (b - a) * lens[b - 1] (computed tokens, padding included), each run within max_tokens unless it
+    is a single row (0: no limit). Dynamic programming over the cut points, O(len(lens)^2)."""
+    n = len(lens)
+    best = [0.0] + [float("inf")] * n  # best[b]: cheapest cost of the first b rows
+    cut = [0] * (n + 1)
+    for b in range(1, n + 1):
+        for a in range(b - 1, -1, -1):
+            cost = prompt_len + (b - a) * lens[b - 1]
+            if b - a > 1 and 0 < max_tokens < cost:
+                break  # longer runs ending at b only cost more
+            if best[a] + cost < best[b]:
+                best[b], cut[b] = best[a] + cost, a
+    runs, b = [], n
+    while b > 0:
+        runs.append((cut[b], b))
+        b = cut[b]
+    return runs[::-1]
+
+
 class ExperienceBuffer:
     """A list of Experience with minibatch sampling and re-padding."""
 
@@ -103,6 +149,61 @@ class ExperienceBuffer:
             chunks[-1].append(i)
         return chunks
 
+    def prompt_chunks(self, indices: list[int], max_tokens: int) -> list[list[int]]:
+        """Group items by identical prompt (a GRPO group), then cut each group into chunks that run as one
+        `SharedBatch`. A chunk computes P + rows x its longest completion tokens (padding included); the cut
+        minimises the group's total (each extra chunk re-runs the prompt, each long row pads the short ones)
+        with every chunk at most max_tokens (a single row may exceed it; 0: no limit). Completions are sorted
+        by length, so a chunk is a run of similar lengths. Groups keep the order of their first item; with
+        step-wide loss normalisers the chunk gradients sum to the step's."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in indices:
+            groups.setdefault(tuple(self.items[i].prompt_ids), []).append(i)
+        chunks: list[list[int]] = []
+        for prompt, members in groups.items():
+            members = sorted(members, key=lambda i: len(self.items[i].completion_ids))
+            lens = [len(self.items[i].completion_ids) for i in members]
+            chunks += [members[a:b] for a, b in _cheapest_cuts(len(prompt), lens, max_tokens)]
+        return chunks
+
+    def collate_shared(self, indices: list[int], pad_id: int) -> SharedBatch:
+        """The given items, which must share one prompt, as a SharedBatch (masks from the stored lengths)."""
+        if not indices:
+            raise ValueError("collate_shared needs at least one index")
+        items = [self.items[i] for i in indices]
+        prompt = items[0].prompt_ids
+        if any(e.prompt_ids != prompt for e in items[1:]):
+            raise ValueError("collate_shared: the items do not share one prompt")
+        c_lens = [len(e.completion_ids) for e in items]
+        n, width = len(items), max(c_lens)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        cmask = torch.zeros((n, width), dtype=torch.long)
+        has_old = self._has_old(items)
+        old = torch.zeros((n, width), dtype=torch.float32) if has_old else None
+        for r, (e, c) in enumerate(zip(items, c_lens)):
+            ids[r, :c] = torch.tensor(e.completion_ids, dtype=torch.long)
+            cmask[r, :c] = 1
+            if old is not None:
+                old[r, :c] = self._old_logp(e, indices[r])
+        adv = torch.tensor([e.advantage for e in items], dtype=torch.float32)
+        return SharedBatch(torch.tensor([prompt], dtype=torch.long), ids, cmask, old, adv, c_lens)
+
+    @staticmethod
+    def _has_old(items: list[Experience]) -> bool:
+        """True when every item has old_logp, False when none has; a mix is an error."""
+        n_old = sum(e.old_logp is not None for e in items)
+        if 0 < n_old < len(items):
+            raise ValueError(f"{len(items) - n_old} of {len(items)} items lack old_logp")
+        return n_old == len(items)
+
+    @staticmethod
+    def _old_logp(e: Experience, index: int) -> Tensor:
+        """Item `index`'s old_logp [Tc] as float32 on the CPU, its shape checked."""
+        if e.old_logp.shape != (len(e.completion_ids),):
+            raise ValueError(f"old_logp of item {index} has shape {tuple(e.old_logp.shape)}, "
+                             f"expected ({len(e.completion_ids)},)")
+        return e.old_logp.detach().float().cpu()
+
     def collate(self, indices: list[int], pad_id: int) -> Batch:
         """Re-pad the given items into one right-padded Batch (see Batch); T = longest prompt + completion.
 
@@ -118,20 +219,13 @@ class ExperienceBuffer:
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         attn = torch.zeros((n, width), dtype=torch.long)
         cmask = torch.zeros((n, width), dtype=torch.long)
-        n_old = sum(e.old_logp is not None for e in items)
-        if 0 < n_old < len(items):
-            raise ValueError(f"{len(items) - n_old} of {len(items)} items lack old_logp")
-        has_old = n_old == len(items)
-        old = torch.zeros((n, width), dtype=torch.float32) if has_old else None
+        old = torch.zeros((n, width), dtype=torch.float32) if self._has_old(items) else None
         for r, (e, p, c) in enumerate(zip(items, p_lens, c_lens)):
             ids[r, : p + c] = torch.tensor(e.prompt_ids + e.completion_ids, dtype=torch.long)
             attn[r, : p + c] = 1
             cmask[r, p : p + c] = 1
             if old is not None:
-                if e.old_logp.shape != (c,):
-                    raise ValueError(f"old_logp of item {indices[r]} has shape {tuple(e.old_logp.shape)}, "
-                                     f"expected ({c},)")
-                old[r, p : p + c] = e.old_logp.detach().float().cpu()
+                old[r, p : p + c] = self._old_logp(e, indices[r])
         adv = torch.tensor([e.advantage for e in items], dtype=torch.float32)
         return Batch(ids, attn, cmask, old, adv, p_lens, c_lens)
 

@@ -84,6 +84,9 @@ class GRPOConfig(ModelArgs):
     drop_zero_std_groups: bool = opt(False, "drop groups whose rewards are all equal and keep sampling (DAPO)")
     max_resample_attempts: int = opt(4, "cap on extra rollout batches per buffer fill when dropping groups")
     group_by_length: bool = opt(True, "length-aware minibatches to cut padding")
+    share_prompts: bool = opt(True, "training forwards run each GRPO group's prompt once and its completions on "
+                                    "its KV cache (P + G*C tokens instead of G*(P+C)); same loss and gradient; "
+                                    "off under gradient_checkpointing")
     correct_weight: float = opt(0.85, "reward weight of strict correctness")
     format_weight: float = opt(0.15, "reward weight of the think/answer format")
     strict_scoring: bool = opt(True, "strict correctness (False: the task scorer's partial credit)")

@@ -83,9 +83,52 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, completion_
     target_mask = completion_mask.bool().clone()  # [N, T]
     target_mask[:, 0] = False
     rows, cols = target_mask.nonzero(as_tuple=True)  # [K], [K] in row-major order
-    h = hidden[rows, cols - 1]  # [K, H]
-    targets = input_ids[rows, cols]  # [K]
+    return _head_logprobs(head, hidden[rows, cols - 1], input_ids, rows, cols, temperature, chunk_size, with_entropy)
 
+
+def shared_prompt_logprobs(model, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                           temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False
+                           ) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs of n completions of ONE prompt, the prompt run once -> (logp [n, C], entropy [n, C]
+    or None), the same values as `token_logprobs` on the n concatenated sequences (up to summation order).
+
+    prompt_ids: [1, P]; completion_ids, completion_mask: [n, C], right-padded (mask from lengths). The prompt's
+    forward fills a KV cache (its keys and values stay in the autograd graph), the cache is repeated n times
+    and the completions run on top of it at positions P..P+C-1; completion token 0 is predicted from the
+    prompt's last hidden state, token j from completion position j - 1. Gradients reach the prompt's
+    activations from every completion, summed: G samples of a GRPO group cost P + G C tokens of compute
+    instead of G (P + C). Needs a model whose forward fills a `DynamicCache` (no gradient checkpointing).
+    """
+    from transformers.cache_utils import DynamicCache
+
+    if completion_ids.shape != completion_mask.shape or prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+        raise ValueError("prompt_ids must be [1, P] and completion_ids / completion_mask share one [n, C] shape")
+    body, head = split_body_head(model)
+    n, c = completion_ids.shape
+    p = prompt_ids.shape[1]
+    device = completion_ids.device
+    cache = DynamicCache(config=getattr(body, "config", None))
+    h_prompt = body(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                    position_ids=torch.arange(p, device=device)[None], cache=cache,
+                    use_cache=True).last_hidden_state  # [1, P, H]
+    if cache.get_seq_length() != p:
+        raise RuntimeError("the model's forward did not fill the KV cache (gradient checkpointing on?)")
+    cache.batch_repeat_interleave(n)  # [n, kv, P, d] per layer, differentiable
+    attention_mask = torch.cat([torch.ones(n, p, dtype=torch.long, device=device), completion_mask.long()], 1)
+    position_ids = (p + torch.arange(c, device=device))[None].expand(n, c)  # [n, C]
+    h_comp = body(input_ids=completion_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                  use_cache=True).last_hidden_state  # [n, C, H]
+    before = torch.cat([h_prompt[:, p - 1 :].expand(n, 1, -1), h_comp[:, :-1]], 1)  # [n, C, H]: state before token j
+    rows, cols = completion_mask.bool().nonzero(as_tuple=True)  # [K], [K]
+    return _head_logprobs(head, before[rows, cols], completion_ids, rows, cols, temperature, chunk_size,
+                          with_entropy)
+
+
+def _head_logprobs(head: torch.nn.Module, h: Tensor, ids: Tensor, rows: Tensor, cols: Tensor, temperature: float,
+                   chunk_size: int, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropies) of the tokens ids[rows, cols] from the hidden rows h [K, H] that predict them,
+    `chunk_size` rows of [chunk_size, V] logits at a time -> [N, T] tensors (zeros elsewhere)."""
+    targets = ids[rows, cols]  # [K]
     recompute = torch.is_grad_enabled() and h.requires_grad
     out_lp: list[Tensor] = []
     out_ent: list[Tensor] = []
@@ -98,7 +141,7 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, completion_
 
     def scatter(parts: list[Tensor]) -> Tensor:
         """[K] values -> [N, T] zeros with them at (rows, cols)."""
-        full = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
+        full = torch.zeros(ids.shape, dtype=torch.float32, device=h.device)
         if not parts:
             return full
         return full.index_put((rows, cols), torch.cat(parts))

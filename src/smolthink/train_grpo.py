@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from .buffer import Experience, ExperienceBuffer
+from .buffer import Batch, Experience, ExperienceBuffer, SharedBatch
 from .chat import template_prefill
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, save_config
 from .errors import SmolthinkError
 from .grpo import group_advantages, policy_loss, zero_std_groups
 from .log import MetricsWriter, console, eval_table, step_line, write_jsonl
-from .logprobs import token_logprobs
+from .logprobs import shared_prompt_logprobs, token_logprobs
 from .models import eos_ids, save_final
 from .onednn import OneDNNLinears
 from .rewards import RewardConfig, load_functions, score_completions
@@ -169,26 +169,58 @@ def fill_old_logprobs(ctx: dict, buffer: ExperienceBuffer) -> float:
 
 
 def _fill_old_logprobs(ctx: dict, buffer: ExperienceBuffer) -> None:
-    """Set `old_logp` of every buffer item, minibatch_size sequences per forward in length order."""
-    cfg, model = ctx["cfg"], ctx["model"]
-    order = sorted(range(len(buffer)), key=lambda i: len(buffer.items[i].prompt_ids) + len(buffer.items[i].completion_ids))
-    for s in range(0, len(order), cfg.minibatch_size):
-        idx = order[s : s + cfg.minibatch_size]
-        batch = buffer.collate(idx, ctx["tok"].pad_token_id).to(ctx["accelerator"].device)
-        logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                                 temperature=cfg.temperature)
+    """Set `old_logp` of every buffer item, in the chunks training uses (shared prompts or length-sorted)."""
+    cfg = ctx["cfg"]
+    order = sorted(range(len(buffer)), key=buffer.seq_len)
+    for idx in step_chunks(ctx, buffer, [order[s : s + cfg.minibatch_size] for s in range(0, len(order), cfg.minibatch_size)]):
+        batch = collate_chunk(ctx, buffer, idx)
+        logp, _ = policy_logprobs(ctx["model"], batch, cfg.temperature)
         for row, i in enumerate(idx):
             e = buffer.items[i]
-            p = batch.prompt_lens[row]
-            buffer.items[i].old_logp = logp[row, p : p + len(e.completion_ids)].cpu().clone()
+            start = 0 if isinstance(batch, SharedBatch) else batch.prompt_lens[row]
+            e.old_logp = logp[row, start : start + len(e.completion_ids)].cpu().clone()
+
+
+def step_chunks(ctx: dict, buffer: ExperienceBuffer, minibatches: list[list[int]]) -> list[list[int]]:
+    """The forward/backward chunks of these minibatches: with shared prompts, each prompt's completions from all
+    of them together (one prompt forward per chunk), else each minibatch cut by length; at most
+    max_tokens_per_forward computed tokens per chunk either way. Which chunk an item lands in does not change
+    the step's gradient (step-wide normalisers)."""
+    budget = ctx["cfg"].max_tokens_per_forward
+    if ctx["share_prompts"]:
+        return buffer.prompt_chunks([i for mb in minibatches for i in mb], budget)
+    return [c for mb in minibatches for c in buffer.split_by_tokens(mb, budget)]
+
+
+def collate_chunk(ctx: dict, buffer: ExperienceBuffer, idx: list[int]) -> Batch | SharedBatch:
+    """One chunk as a SharedBatch (shared prompts) or a padded Batch, on the training device."""
+    pad = ctx["tok"].pad_token_id
+    batch = buffer.collate_shared(idx, pad) if ctx["share_prompts"] else buffer.collate(idx, pad)
+    return batch.to(ctx["accelerator"].device)
+
+
+def computed_tokens(batch: Batch | SharedBatch) -> int:
+    """Tokens the chunk's forward runs (padding excluded): P + completions when shared, every row's tokens else."""
+    if isinstance(batch, SharedBatch):
+        return batch.prompt_ids.shape[1] + int(batch.completion_mask.sum())
+    return int(batch.attention_mask.sum())
+
+
+def policy_logprobs(model, batch: Batch | SharedBatch, temperature: float, with_entropy: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (and entropies) of a chunk: [n, T] for a Batch, [n, C] for a SharedBatch."""
+    if isinstance(batch, SharedBatch):
+        return shared_prompt_logprobs(model, batch.prompt_ids, batch.completion_ids, batch.completion_mask,
+                                      temperature=temperature, with_entropy=with_entropy)
+    return token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                          temperature=temperature, with_entropy=with_entropy)
 
 
 def chunk_backward(ctx: dict, batch, n_seqs: int, n_tok: int) -> tuple[float, dict[str, Any]]:
     """Forward and backward of one chunk of a step: per-token log-probs, the clipped surrogate normalised by the
     whole step's sequence / token counts, gradients accumulated -> (loss value, loss stats)."""
     cfg, model = ctx["cfg"], ctx["model"]
-    logp, entropy = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                                   temperature=cfg.temperature, with_entropy=True)  # [n, T] each
+    logp, entropy = policy_logprobs(model, batch, cfg.temperature, with_entropy=True)  # [n, T] each
     ref = reference_logprobs(ctx, batch) if cfg.beta > 0 else None
     old = batch.old_logp if batch.old_logp is not None else logp.detach()  # on-policy: ratio exactly 1
     loss, stats = policy_loss(logp, old, batch.advantages, batch.completion_mask, epsilon=cfg.epsilon,
@@ -206,14 +238,14 @@ def optimizer_step(ctx: dict, buffer: ExperienceBuffer, minibatches: list[list[i
     big-batch gradient."""
     cfg = ctx["cfg"]
     t0 = time.time()
-    n_seqs = sum(len(mb) for mb in minibatches)
-    n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
+    items = [i for mb in minibatches for i in mb]
+    n_seqs = len(items)
+    n_tok = sum(len(buffer.items[i].completion_ids) for i in items)
     totals: dict[str, float] = {}
-    tokens_seen = 0
-    chunks = [c for mb in minibatches for c in buffer.split_by_tokens(mb, cfg.max_tokens_per_forward)]
+    tokens_run = 0
     with ctx["onednn"].active():  # forward and backward (checkpointed head chunks recompute in backward)
-        for mb in chunks:
-            batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(ctx["accelerator"].device)
+        for mb in step_chunks(ctx, buffer, minibatches):
+            batch = collate_chunk(ctx, buffer, mb)
             loss, stats = chunk_backward(ctx, batch, n_seqs, n_tok)
             weight = batch.completion_mask.sum().item() / max(n_tok, 1)
             totals["loss/total"] = totals.get("loss/total", 0.0) + loss
@@ -224,11 +256,14 @@ def optimizer_step(ctx: dict, buffer: ExperienceBuffer, minibatches: list[list[i
                     totals[k] = max(totals.get(k, float("-inf")), float(v))
                 else:
                     totals[k] = totals.get(k, 0.0) + float(v) * weight
-            tokens_seen += int(batch.attention_mask.sum())
+            tokens_run += computed_tokens(batch)
     grad_norm = clip_and_step(ctx)
     seconds = time.time() - t0
+    seq_tokens = sum(buffer.seq_len(i) for i in items)
     totals.update({"grad_norm": grad_norm, "lr": ctx["scheduler"].get_last_lr()[0], "perf/train_s": seconds,
-                   "perf/train_tok_s": tokens_seen / max(seconds, 1e-9), "train/sequences": float(n_seqs)})
+                   "perf/train_tok_s": seq_tokens / max(seconds, 1e-9),
+                   "perf/train_computed_tok_s": tokens_run / max(seconds, 1e-9),
+                   "train/sequences": float(n_seqs)})
     ctx["scheduler"].step()
     return totals
 
@@ -253,16 +288,12 @@ def reference_logprobs(ctx: dict, batch) -> torch.Tensor:
     cfg, model = ctx["cfg"], ctx["model"]
     if cfg.use_lora:
         with model.disable_adapter():
-            ref, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                                    temperature=cfg.temperature)
-        return ref
+            return policy_logprobs(model, batch, cfg.temperature)[0]
     if "ref_model" not in ctx:
         import copy
 
         ctx["ref_model"] = copy.deepcopy(model).requires_grad_(False).eval()
-    ref, _ = token_logprobs(ctx["ref_model"], batch.input_ids, batch.attention_mask, batch.completion_mask,
-                            temperature=cfg.temperature)
-    return ref
+    return policy_logprobs(ctx["ref_model"], batch, cfg.temperature)[0]
 
 
 def run_eval(ctx: dict, out_dir: Path, step: int) -> dict[str, Any]:
@@ -291,8 +322,11 @@ def setup(cfg: GRPOConfig, out_dir: Path) -> dict[str, Any]:
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.max_steps)
+    share = cfg.share_prompts and not cfg.gradient_checkpointing
+    if cfg.share_prompts and not share:
+        log.info("share_prompts is off: gradient checkpointing does not keep the prompt's KV cache")
     return {"cfg": cfg, "specs": specs, "train": train, "eval": eval_set, "model": model, "tok": tok,
-            "onednn": OneDNNLinears(model, cfg.onednn_linears), "eval_prompts": render_prompts(tok, eval_set),
+            "share_prompts": share, "onednn": OneDNNLinears(model, cfg.onednn_linears), "eval_prompts": render_prompts(tok, eval_set),
             "accelerator": accelerator, "optimizer": optimizer,
             "scheduler": scheduler, "prefill": template_prefill(tok),
             "engine": make_engine(cfg.engine, model, eos_ids(tok, model), tok.pad_token_id),
