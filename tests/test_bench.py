@@ -45,6 +45,12 @@ def test_format_table_renders_every_part():
     table = format_table(results)
     assert "smolthink / TRL seconds per step (medians): 0.25x" in table
     assert "250 tok/s x 0.00 GFLOP/token = 1 GFLOP/s = 50% of the GEMM limit at 2048 rows" in table
+    assert "computed tokens" not in table  # no separate line when nothing was shared
+    results["grpo"]["smolthink"]["train_computed_tok_s_summary"] = {"median": 150.0, "n": 3}
+    results["training_flops"] = training_flops(results, None)
+    table = format_table(results)
+    assert "computed tokens (what the forwards ran; prompts once per chunk): 150 tok/s" in table
+    assert "= 30% of the GEMM limit" in table
 
 
 def test_training_flops_is_four_n_per_token_against_the_2048_row_limit():
@@ -53,6 +59,9 @@ def test_training_flops_is_four_n_per_token_against_the_2048_row_limit():
     tf = training_flops(results, None)
     assert tf["gflops"] == pytest.approx(500 * 4e8 / 1e9)  # 200 GFLOP/s
     assert tf["pct_limit"] == pytest.approx(50.0) and tf["pct_mkl_2048"] == pytest.approx(100.0)
+    assert tf["computed_pct_limit"] == pytest.approx(50.0)  # no computed-token figure: the same tokens
+    results["grpo"]["smolthink"]["train_computed_tok_s_summary"] = {"median": 300.0}
+    assert training_flops(results, None)["computed_pct_limit"] == pytest.approx(30.0)
     assert training_flops({"gemm": {}, "grpo": {}}, None) is None
 
 

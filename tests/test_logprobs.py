@@ -161,3 +161,12 @@ def test_shared_prompt_matches_the_concatenated_sequences(lora):
     assert (slp[cmask == 0] == 0).all() and (slp[cmask == 1] < 0).all()
     for a, b in zip(sg, g):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_entropy_without_grad_has_the_same_values():
+    model = tiny()
+    ids, attn, comp = batch()
+    lp, ent = token_logprobs(model, ids, attn, comp, temperature=0.7, with_entropy=True)
+    lp2, ent2 = token_logprobs(model, ids, attn, comp, temperature=0.7, with_entropy=True, entropy_grad=False)
+    assert ent.requires_grad and not ent2.requires_grad and lp2.requires_grad
+    assert torch.equal(ent.detach(), ent2) and torch.equal(lp.detach(), lp2.detach())

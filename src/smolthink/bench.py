@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minibatch", type=int, default=8, help="GRPO micro-batch (both sides; 48 / minibatch accum.)")
     p.add_argument("--max-tokens-per-forward", type=int, default=None,
                    help="smolthink side: padded tokens per forward/backward chunk (default: GRPOConfig's)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="smolthink side: any other GRPOConfig field, e.g. share_prompts=false (repeatable)")
     p.add_argument("--out", default="benchmarks/results.json", help="JSON results file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one GRPO side
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -379,11 +382,15 @@ def _child_smolthink(args) -> dict[str, Any]:
                      eval_at_start=False, save_every=0, sample_every=0, train_size=max(64, args.prompts * steps))
     if args.max_tokens_per_forward is not None:
         cfg.max_tokens_per_forward = args.max_tokens_per_forward
+    if args.sets:
+        from .config import build_config, parse_overrides
+
+        cfg = build_config(GRPOConfig, [dataclasses.asdict(cfg), parse_overrides(args.sets)])
     out = Path(tempfile.mkdtemp(prefix="smolthink-bench-")) / "run"
     train(cfg, out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     keys = ("perf/rollout_s", "perf/train_s", "perf/peak_rss_gb", "perf/rollout_tok_s", "perf/train_tok_s",
-            "perf/step_s")
+            "perf/train_computed_tok_s", "perf/step_s")
     per_step = [{"step": r["step"], **{k.split("/", 1)[1]: r.get(k) for k in keys}} for r in rows]
     return {"side": "smolthink", "available": True, "per_step": per_step,
             "peak_rss_gb": max((r.get("perf/peak_rss_gb") or 0.0) for r in rows) if rows else None,
@@ -413,7 +420,8 @@ def grpo_bench(args, argv: Sequence[str]) -> dict[str, Any]:
         steps = r.get("per_step") or []
         measured = steps[1:] if len(steps) > 1 else steps
         if measured:
-            for key in ("step_s", "rollout_s", "train_s", "generate_s", "rollout_tok_s", "train_tok_s"):
+            for key in ("step_s", "rollout_s", "train_s", "generate_s", "rollout_tok_s", "train_tok_s",
+                        "train_computed_tok_s"):
                 vals = [s[key] for s in measured if s.get(key) is not None]
                 if key == "step_s" and not vals:  # smolthink: rollout + train
                     vals = [s["rollout_s"] + s["train_s"] for s in measured]
@@ -467,14 +475,18 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, A
 
 
 def training_flops(results: dict[str, Any], args) -> dict[str, Any] | None:
-    """smolthink's GRPO training throughput as GFLOP/s and % of the GEMM limit at 2048 rows (training shapes).
-    FLOPs per token: 4 x n_params (forward 2N + input-gradient backward 2N; the frozen base weights take no weight
-    gradient). Not counted: attention scores (~+10-15% at these lengths) and LoRA's own rank-r GEMMs (~+3%); over-
-    counted: the LM head (~20% of N) on prompt positions, which never run it. The two roughly cancel."""
+    """smolthink's GRPO training throughput as GFLOP/s and % of the GEMM limit at 2048 rows (training shapes), two
+    ways: per sequence token (every prompt + completion token of the step's sequences: the work TRL does; with
+    shared prompts each group's prompt runs once, so this is an effective rate) and per computed token (what the
+    forwards actually ran: the hardware efficiency). FLOPs per token: 4 x n_params (forward 2N + input-gradient
+    backward 2N; the frozen base weights take no weight gradient). Not counted: attention scores (~+10-15% at
+    these lengths) and LoRA's own rank-r GEMMs (~+3%); over-counted: the LM head (~20% of N) on prompt
+    positions, which never run it. The two roughly cancel."""
     side = (results.get("grpo") or {}).get("smolthink") or {}
     tok_s = (side.get("train_tok_s_summary") or {}).get("median")
     if not tok_s:
         return None
+    computed = (side.get("train_computed_tok_s_summary") or {}).get("median") or tok_s
     n_params = (results.get("model") or {}).get("n_params")
     if not n_params:
         from .models import load_model
@@ -482,11 +494,14 @@ def training_flops(results: dict[str, Any], args) -> dict[str, Any] | None:
         model, _ = load_model(args.model)
         n_params = sum(p.numel() for p in model.parameters())
         del model
-    gflops = tok_s * 4 * n_params / 1e9
     limit = results["gemm"]["limit_gflops_2048"]
     mkl = results["gemm"].get("mkl_m2048", {}).get("median")
-    return {"train_tok_s": tok_s, "flops_per_token": 4 * n_params, "gflops": gflops, "limit_gflops_2048": limit,
-            "pct_limit": 100 * gflops / limit, "pct_mkl_2048": 100 * gflops / mkl if mkl else None}
+    out = {"flops_per_token": 4 * n_params, "limit_gflops_2048": limit}
+    for name, rate in (("", tok_s), ("computed_", computed)):
+        gflops = rate * 4 * n_params / 1e9
+        out.update({f"{name}train_tok_s": rate, f"{name}gflops": gflops, f"{name}pct_limit": 100 * gflops / limit,
+                    f"{name}pct_mkl_2048": 100 * gflops / mkl if mkl else None})
+    return out
 
 
 def _fmt(s: dict | None, digits: int = 1) -> str:
@@ -560,10 +575,15 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"    smolthink / TRL seconds per step (medians): {sides['smolthink'] / sides['trl']:.2f}x")
     tf = results.get("training_flops")
     if tf:
-        mkl = f", {tf['pct_mkl_2048']:.0f}% of MKL's" if tf.get("pct_mkl_2048") else ""
-        lines.append(f"    smolthink training: {tf['train_tok_s']:.0f} tok/s x {tf['flops_per_token'] / 1e9:.2f} "
-                     f"GFLOP/token = {tf['gflops']:.0f} GFLOP/s = {tf['pct_limit']:.0f}% of the GEMM limit at 2048 rows "
-                     f"({tf['limit_gflops_2048']:.0f} GFLOP/s{mkl})")
+        for name, what in (("", "sequence tokens (all prompt + completion tokens of the step)"),
+                           ("computed_", "computed tokens (what the forwards ran; prompts once per chunk)")):
+            if name and tf.get("computed_train_tok_s", tf["train_tok_s"]) == tf["train_tok_s"]:
+                continue
+            mkl = f", {tf[name + 'pct_mkl_2048']:.0f}% of MKL's" if tf.get(name + "pct_mkl_2048") else ""
+            lines.append(f"    smolthink training, {what}: {tf[name + 'train_tok_s']:.0f} tok/s x "
+                         f"{tf['flops_per_token'] / 1e9:.2f} GFLOP/token = {tf[name + 'gflops']:.0f} GFLOP/s = "
+                         f"{tf[name + 'pct_limit']:.0f}% of the GEMM limit at 2048 rows "
+                         f"({tf['limit_gflops_2048']:.0f} GFLOP/s{mkl})")
     return "\n".join(lines)
 
 

@@ -37,23 +37,29 @@ def split_body_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return body, head
 
 
-def _head_chunk(head: torch.nn.Module, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool
-                ) -> tuple[Tensor, Tensor | None]:
-    """Log-prob of the targets and entropy for one chunk of hidden rows: h [k, H], targets [k] -> [k], [k]."""
-    logits = head(h).float()  # [k, V]
-    if temperature != 1.0:
-        logits = logits / temperature
+def _head_chunk(head: torch.nn.Module, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
+                entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Log-prob of the targets and entropy for one chunk of hidden rows: h [k, H], targets [k] -> [k], [k].
+    A bias-free head scales h [k, H] by 1 / temperature instead of the [k, V] logits (one pass over 576 columns
+    instead of 49k, forward and backward). entropy_grad=False computes the entropy outside autograd (a logged
+    metric when the loss has no entropy term: no backward through the [k, V] softmax)."""
+    if temperature != 1.0 and getattr(head, "bias", None) is None:
+        logits = head(h / temperature).float()  # [k, V] = z / T
+    else:
+        logits = head(h).float()
+        logits = logits / temperature if temperature != 1.0 else logits
     lse = torch.logsumexp(logits, dim=-1)  # [k]
     lp = logits.gather(1, targets[:, None]).squeeze(1) - lse  # [k]
     ent = None
     if with_entropy:  # H = lse - sum_v p_v z_v
-        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)  # [k]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            ent = lse - (torch.exp(logits - lse[:, None]) * logits).sum(dim=-1)  # [k]
     return lp, ent
 
 
 def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
-                   temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False
-                   ) -> tuple[Tensor, Tensor | None]:
+                   temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
+                   entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs of the given tokens -> (logp [N, T] float32, entropy [N, T] float32 or None).
 
     input_ids, attention_mask, completion_mask: [N, T], left- or right-padded (masks come from lengths, never
@@ -83,12 +89,13 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, completion_
     target_mask = completion_mask.bool().clone()  # [N, T]
     target_mask[:, 0] = False
     rows, cols = target_mask.nonzero(as_tuple=True)  # [K], [K] in row-major order
-    return _head_logprobs(head, hidden[rows, cols - 1], input_ids, rows, cols, temperature, chunk_size, with_entropy)
+    return _head_logprobs(head, hidden[rows, cols - 1], input_ids, rows, cols, temperature, chunk_size, with_entropy,
+                          entropy_grad)
 
 
 def shared_prompt_logprobs(model, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                           temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False
-                           ) -> tuple[Tensor, Tensor | None]:
+                           temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
+                           entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs of n completions of ONE prompt, the prompt run once -> (logp [n, C], entropy [n, C]
     or None), the same values as `token_logprobs` on the n concatenated sequences (up to summation order).
 
@@ -121,11 +128,11 @@ def shared_prompt_logprobs(model, prompt_ids: Tensor, completion_ids: Tensor, co
     before = torch.cat([h_prompt[:, p - 1 :].expand(n, 1, -1), h_comp[:, :-1]], 1)  # [n, C, H]: state before token j
     rows, cols = completion_mask.bool().nonzero(as_tuple=True)  # [K], [K]
     return _head_logprobs(head, before[rows, cols], completion_ids, rows, cols, temperature, chunk_size,
-                          with_entropy)
+                          with_entropy, entropy_grad)
 
 
 def _head_logprobs(head: torch.nn.Module, h: Tensor, ids: Tensor, rows: Tensor, cols: Tensor, temperature: float,
-                   chunk_size: int, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+                   chunk_size: int, with_entropy: bool, entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and entropies) of the tokens ids[rows, cols] from the hidden rows h [K, H] that predict them,
     `chunk_size` rows of [chunk_size, V] logits at a time -> [N, T] tensors (zeros elsewhere)."""
     targets = ids[rows, cols]  # [K]
@@ -133,7 +140,7 @@ def _head_logprobs(head: torch.nn.Module, h: Tensor, ids: Tensor, rows: Tensor, 
     out_lp: list[Tensor] = []
     out_ent: list[Tensor] = []
     for s in range(0, h.shape[0], chunk_size):
-        args = (head, h[s : s + chunk_size], targets[s : s + chunk_size], temperature, with_entropy)
+        args = (head, h[s : s + chunk_size], targets[s : s + chunk_size], temperature, with_entropy, entropy_grad)
         lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False) if recompute else _head_chunk(*args)
         out_lp.append(lp)  # [k]
         if ent is not None:

@@ -206,21 +206,22 @@ def computed_tokens(batch: Batch | SharedBatch) -> int:
     return int(batch.attention_mask.sum())
 
 
-def policy_logprobs(model, batch: Batch | SharedBatch, temperature: float, with_entropy: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def policy_logprobs(model, batch: Batch | SharedBatch, temperature: float, with_entropy: bool = False,
+                    entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (and entropies) of a chunk: [n, T] for a Batch, [n, C] for a SharedBatch."""
     if isinstance(batch, SharedBatch):
         return shared_prompt_logprobs(model, batch.prompt_ids, batch.completion_ids, batch.completion_mask,
-                                      temperature=temperature, with_entropy=with_entropy)
+                                      temperature=temperature, with_entropy=with_entropy, entropy_grad=entropy_grad)
     return token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                          temperature=temperature, with_entropy=with_entropy)
+                          temperature=temperature, with_entropy=with_entropy, entropy_grad=entropy_grad)
 
 
 def chunk_backward(ctx: dict, batch, n_seqs: int, n_tok: int) -> tuple[float, dict[str, Any]]:
     """Forward and backward of one chunk of a step: per-token log-probs, the clipped surrogate normalised by the
     whole step's sequence / token counts, gradients accumulated -> (loss value, loss stats)."""
     cfg, model = ctx["cfg"], ctx["model"]
-    logp, entropy = policy_logprobs(model, batch, cfg.temperature, with_entropy=True)  # [n, T] each
+    logp, entropy = policy_logprobs(model, batch, cfg.temperature, with_entropy=True,
+                                    entropy_grad=cfg.entropy_coef != 0)  # [n, T] each
     ref = reference_logprobs(ctx, batch) if cfg.beta > 0 else None
     old = batch.old_logp if batch.old_logp is not None else logp.detach()  # on-policy: ratio exactly 1
     loss, stats = policy_loss(logp, old, batch.advantages, batch.completion_mask, epsilon=cfg.epsilon,
