@@ -40,3 +40,8 @@ def test_missing_yaml_and_bad_set():
     with pytest.raises(SmolthinkError, match="key=value"):
         parse_overrides(["oops"])
     assert build_config(SFTConfig, []).lora_r == 32
+
+
+def test_renamed_key_still_loads_from_an_old_config():
+    cfg = build_config(GRPOConfig, [{"packed_linears": False}])  # what session-3 run directories hold
+    assert cfg.onednn_linears is False

@@ -150,13 +150,18 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
+RENAMED_KEYS = {"packed_linears": "onednn_linears"}  # old name -> new name, so older config.yaml files still load
+
+
 def build_config(cls: type[T], sources: Sequence[dict[str, Any]]) -> T:
-    """Merge dicts (later wins) into a validated `cls`. Unknown keys fail with a close-match suggestion."""
+    """Merge dicts (later wins) into a validated `cls`. Unknown keys fail with a close-match suggestion; renamed
+    keys (RENAMED_KEYS) are read under their new name."""
     hints = get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     merged: dict[str, Any] = {}
     for src in sources:
         for key, value in (src or {}).items():
+            key = RENAMED_KEYS.get(key, key)
             if key not in hints:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
