@@ -149,7 +149,7 @@ def test_mmap_threshold_is_pinned_on_glibc():
 
 
 def test_trim_heap_gives_freed_heap_pages_back():
-    """Blocks under the pinned 1 MB mmap threshold live on the heap; freeing them keeps their pages resident until
+    """Blocks under the pinned mmap threshold live on the heap; freeing them keeps their pages resident until
     trim_heap hands them back (the step-to-step RSS creep of a training loop)."""
     import platform
 
