@@ -2,6 +2,8 @@
 transformer body runs once, the LM head runs in row chunks on completion positions only."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -67,7 +69,8 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, completion_
     temperature)[input_ids[:, t]] where z_{t-1} are the logits after input_ids[:, :t]; it is filled only where
     completion_mask is 1 (0 elsewhere, and always 0 at t = 0, which has no context). entropy[:, t] is the
     entropy of that same temperature-scaled distribution (0 where logp is 0). position_ids are
-    cumsum(attention_mask) - 1, so padding on either side does not shift positions.
+    cumsum(attention_mask) - 1, so padding on either side does not shift positions. entropy_grad=False computes
+    the entropy outside autograd (for logging when the loss has no entropy term).
 
     Memory: the body's hidden states [N, T, H] plus one [chunk_size, V] logits block at a time (the hidden rows
     of the K completion positions are gathered into [K, H] and the head runs on `chunk_size` rows per step;
@@ -115,16 +118,18 @@ def shared_prompt_logprobs(model, prompt_ids: Tensor, completion_ids: Tensor, co
     p = prompt_ids.shape[1]
     device = completion_ids.device
     cache = DynamicCache(config=getattr(body, "config", None))
+    # transformers 5 names the argument `cache` (`past_key_values` is its deprecated alias), 4.x `past_key_values`
+    kw = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
     h_prompt = body(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                    position_ids=torch.arange(p, device=device)[None], cache=cache,
-                    use_cache=True).last_hidden_state  # [1, P, H]
+                    position_ids=torch.arange(p, device=device)[None], use_cache=True,
+                    **{kw: cache}).last_hidden_state  # [1, P, H]
     if cache.get_seq_length() != p:
         raise RuntimeError("the model's forward did not fill the KV cache (gradient checkpointing on?)")
     cache.batch_repeat_interleave(n)  # [n, kv, P, d] per layer, differentiable
     attention_mask = torch.cat([torch.ones(n, p, dtype=torch.long, device=device), completion_mask.long()], 1)
     position_ids = (p + torch.arange(c, device=device))[None].expand(n, c)  # [n, C]
-    h_comp = body(input_ids=completion_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                  use_cache=True).last_hidden_state  # [n, C, H]
+    h_comp = body(input_ids=completion_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=True, **{kw: cache}).last_hidden_state  # [n, C, H]
     before = torch.cat([h_prompt[:, p - 1 :].expand(n, 1, -1), h_comp[:, :-1]], 1)  # [n, C, H]: state before token j
     rows, cols = completion_mask.bool().nonzero(as_tuple=True)  # [K], [K]
     return _head_logprobs(head, before[rows, cols], completion_ids, rows, cols, temperature, chunk_size,

@@ -172,7 +172,8 @@ def _fill_old_logprobs(ctx: dict, buffer: ExperienceBuffer) -> None:
     """Set `old_logp` of every buffer item, in the chunks training uses (shared prompts or length-sorted)."""
     cfg = ctx["cfg"]
     order = sorted(range(len(buffer)), key=buffer.seq_len)
-    for idx in step_chunks(ctx, buffer, [order[s : s + cfg.minibatch_size] for s in range(0, len(order), cfg.minibatch_size)]):
+    per = cfg.minibatch_size
+    for idx in step_chunks(ctx, buffer, [order[s : s + per] for s in range(0, len(order), per)]):
         batch = collate_chunk(ctx, buffer, idx)
         logp, _ = policy_logprobs(ctx["model"], batch, cfg.temperature)
         for row, i in enumerate(idx):
@@ -302,7 +303,8 @@ def run_eval(ctx: dict, out_dir: Path, step: int) -> dict[str, Any]:
     cfg = ctx["cfg"]
     try:
         return eval_to_dir(ctx["model"], ctx["tok"], ctx["engine"], ctx["eval"], ctx["eval_prompts"], ctx["scorer"],
-                           ctx["specs"], out_dir, step, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length,
+                           ctx["specs"], out_dir, step,
+                           max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length,
                            model_name=cfg.model or "embedded", task=str(cfg.task), reward_cfg=ctx["reward_cfg"],
                            prefill=ctx["prefill"], seed=cfg.seed)
     finally:
@@ -327,7 +329,8 @@ def setup(cfg: GRPOConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.share_prompts and not share:
         log.info("share_prompts is off: gradient checkpointing does not keep the prompt's KV cache")
     return {"cfg": cfg, "specs": specs, "train": train, "eval": eval_set, "model": model, "tok": tok,
-            "share_prompts": share, "onednn": OneDNNLinears(model, cfg.onednn_linears), "eval_prompts": render_prompts(tok, eval_set),
+            "share_prompts": share, "onednn": OneDNNLinears(model, cfg.onednn_linears),
+            "eval_prompts": render_prompts(tok, eval_set),
             "accelerator": accelerator, "optimizer": optimizer,
             "scheduler": scheduler, "prefill": template_prefill(tok),
             "engine": make_engine(cfg.engine, model, eos_ids(tok, model), tok.pad_token_id),
