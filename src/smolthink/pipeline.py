@@ -145,7 +145,9 @@ RUNNERS: dict[str, Callable[[PipelineConfig, Path], None]] = {
 
 def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
     """Run every unfinished stage in order -> {stage: seconds}."""
-    from .runtime import set_threads
+    import gc
+
+    from .runtime import set_threads, trim_heap
 
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "pipeline.yaml")
@@ -165,6 +167,8 @@ def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
                         "continue", stage, run)
             return timings
         timings[stage] = time.time() - t0
+        gc.collect()  # the stage's model, optimizer and engine caches, before the next stage loads its own
+        trim_heap()
         mark_done(run, stage, timings[stage])
         log.info("[%d/%d] %s finished in %s", i, len(STAGES), stage, _elapsed(t0))
     return timings
