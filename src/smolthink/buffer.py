@@ -64,11 +64,6 @@ class SharedBatch:
         return SharedBatch(move(self.prompt_ids), move(self.completion_ids), move(self.completion_mask),
                            move(self.old_logp), move(self.advantages), self.completion_lens)
 
-    @property
-    def attention_mask(self) -> Tensor:
-        """[n, C]: the completion tokens (the prompt is real for every row); counts the completion tokens."""
-        return self.completion_mask
-
 
 def _cheapest_cuts(prompt_len: int, lens: list[int], max_tokens: int) -> list[tuple[int, int]]:
     """Split ascending completion lengths into contiguous runs [a, b) minimising the sum of

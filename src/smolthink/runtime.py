@@ -1,6 +1,7 @@
 """Process set-up shared by every command: threads, policy + tokenizer, prompts, engine, scorer."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -29,25 +30,28 @@ def fixed_mmap_threshold(nbytes: int = 32 << 20) -> bool:
     on the recipe-shape GRPO step: 1 MB costs ~5% training speed (a page fault per 4 KB of every re-mapped
     activation) and 256 KB ~30%; 8 MB, 32 MB and glibc's adaptive default train at the same speed and peak RSS
     (3.4-3.5 GB) once the heap is trimmed. Returns False where there is no glibc (macOS, musl)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc.mallopt(-3, int(nbytes))) if libc else False  # M_MMAP_THRESHOLD = -3
 
 
 def trim_heap() -> bool:
     """Hand the heap's free pages back to the OS (glibc `malloc_trim`), between phases whose allocations differ
     (rollout KV caches, training activations): without it the freed holes stay resident and the resident floor
     creeps up by ~0.3-0.5 GB per GRPO step. Takes ~10 ms. False where there is no glibc."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc else False
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """glibc through ctypes (loaded once), or None where there is none (macOS, musl: no mallopt / malloc_trim)."""
     try:
         import ctypes
 
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def render_prompts(tokenizer, examples: Sequence[Example], few_shot: Sequence[tuple[str, str]] = ()) -> list[list[int]]:
