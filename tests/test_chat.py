@@ -1,4 +1,5 @@
-from smolthink.chat import build_messages, extract_answer, format_ok, render_prompt
+from smolthink.chat import answer_label, build_messages, extract_answer, format_ok, render_prompt
+from smolthink.tasks import strict_match
 
 
 def test_extract_takes_last_answer_block():
@@ -43,3 +44,19 @@ def test_render_prompt_uses_chat_template(tiny_tokenizer):
 def test_few_shot_messages_alternate():
     msgs = build_messages("Q2", few_shot=[("Q1", "<think> t </think> <answer> A </answer>")])
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+
+
+def test_answer_label():
+    assert answer_label(" yes. ") == "Yes" and answer_label("NO") == "No" and answer_label("") is None
+    assert answer_label(None) is None and answer_label("42") == "42"
+
+
+def test_answer_label_classes_are_what_the_reward_matches():
+    """Same label as the gold exactly when the reward's strict match accepts the answer."""
+    cases = [("valid.", "Valid"), ("Valid", "valid"), ("INVALID", "Invalid"), ("Yes..", "Yes"), ("yes .", "Yes"),
+             ("true", "True"), ("No, because", "No"), ("(p ∧ q)", "(P ∧ Q)"), ("(P ∧ Q).", "(P ∧ Q)"),
+             ("maybe", "Yes")]
+    for answer, gold in cases:
+        assert (answer_label(answer, gold) == answer_label(gold, gold)) == strict_match(answer, gold), (answer, gold)
+    assert answer_label("valid.") == "Valid" and answer_label("Yes..") == "Yes.."
+    assert answer_label("maybe", "Yes") == "Maybe" and answer_label("maybe") == "maybe"

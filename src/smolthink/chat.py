@@ -1,5 +1,5 @@
-"""The think/answer protocol: system prompt, prompt rendering with the chat template, answer extraction and
-the strict format check."""
+"""The think/answer protocol: system prompt, prompt rendering with the chat template, answer extraction, answer
+normalisation (the one definition the reward, the eval summary and the report share) and the strict format check."""
 from __future__ import annotations
 
 import re
@@ -13,6 +13,9 @@ SYSTEM_PROMPT = (
     "Do not write code."
 )
 
+# Answers that are case-insensitive by nature: "yes" answers "Yes".
+CASE_FREE_ANSWERS = frozenset({"yes", "no", "true", "false", "valid", "invalid"})
+_WS = re.compile(r"\s+")
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # Exactly one think block then one answer block, nothing but whitespace around or between them, and no stray tags
 # inside either block.
@@ -26,6 +29,34 @@ def extract_answer(completion: str) -> str | None:
     """Return the stripped text of the last <answer>...</answer> block, or None when there is none."""
     found = _ANSWER_RE.findall(completion)
     return found[-1].strip() if found else None
+
+
+def normalize_answer(text: str, case_free: bool) -> str:
+    """Trim, collapse inner whitespace, drop one trailing period ("Yes.." stays "Yes.."); casefold when the
+    answer is case-free."""
+    text = _WS.sub(" ", text.strip())
+    if text.endswith(".") and not text.endswith(".."):
+        text = text[:-1].rstrip()
+    return text.casefold() if case_free else text
+
+
+def is_case_free(text: str) -> bool:
+    """True when `text` normalises to one of CASE_FREE_ANSWERS (compared without regard to case)."""
+    return normalize_answer(text, case_free=True) in CASE_FREE_ANSWERS
+
+
+def answer_label(answer: Any, gold: Any = None) -> str | None:
+    """The class of a predicted answer, normalised exactly as the reward compares it, with case-free answers
+    capitalised ("valid." -> "Valid"); None for no answer or an empty one. Case-freedom comes from the gold
+    when given (as in the reward's match), else from the answer itself. Values read from JSON may be numbers."""
+    if answer is None:
+        return None
+    text = str(answer)
+    case_free = is_case_free(str(gold) if gold is not None else text)
+    label = normalize_answer(text, case_free)
+    if not label:
+        return None
+    return label.capitalize() if case_free else label
 
 
 def format_ok(completion: str, prefill: str = "") -> bool:

@@ -7,9 +7,9 @@ import time
 from collections import Counter, defaultdict
 from typing import Any, Callable, Sequence
 
-from .chat import extract_answer
+from .chat import answer_label, extract_answer
 from .rewards import RewardConfig, score_completions
-from .tasks import CASE_FREE_ANSWERS, TaskSpec, majority_class, normalize_answer
+from .tasks import TaskSpec, majority_class
 from .types import Example, RewardParts, SamplingParams
 
 
@@ -42,15 +42,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def _label(answer: str | None, gold: str | None) -> str:
-    """A predicted answer's class for the answer distribution (case-folded like the gold when case-free)."""
-    if answer is None:
-        return "<none>"
-    case_free = gold is not None and gold.strip().casefold() in CASE_FREE_ANSWERS
-    a = normalize_answer(answer, case_free)
-    return a.capitalize() if case_free else a
-
-
 def summarize(examples: Sequence[Example], parts: Sequence[Sequence[RewardParts]], completions: Sequence[Sequence[str]],
               lengths: Sequence[Sequence[int]], truncated: Sequence[Sequence[bool]]) -> dict[str, Any]:
     """Metrics from per-question lists of k scored completions ([question][sample])."""
@@ -70,7 +61,8 @@ def summarize(examples: Sequence[Example], parts: Sequence[Sequence[RewardParts]
             by_cls[str(ex.answer)].append(s)
         per_class = {c: sum(v) / len(v) for c, v in sorted(by_cls.items())}
         balanced = sum(per_class.values()) / len(per_class)
-    answers = Counter(_label(extract_answer(c), ex.answer) for ex, row in zip(examples, completions) for c in row)
+    answers = Counter(answer_label(extract_answer(c), ex.answer) or "<none>"
+                      for ex, row in zip(examples, completions) for c in row)
     total = max(len(flat), 1)
     summary = {
         "n": n_q,

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import difflib
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from .chat import is_case_free, normalize_answer
 from .errors import SmolthinkError
 from .types import Example
 
-# Gold answers that are case-insensitive by nature: "yes" answers "Yes".
-CASE_FREE_ANSWERS = {"yes", "no", "true", "false", "valid", "invalid"}
 # A train split is drawn from this seed offset; eval from the base seed. Questions are deduplicated anyway.
 TRAIN_SEED_OFFSET = 1_000_003
 
@@ -177,22 +175,11 @@ def spec_for(example: Example, specs: Sequence[TaskSpec]) -> TaskSpec:
     return TaskSpec(example.task)
 
 
-_WS = re.compile(r"\s+")
-
-
-def normalize_answer(text: str, case_free: bool) -> str:
-    """Trim, collapse inner whitespace, drop one trailing period; casefold when the task is case-free."""
-    text = _WS.sub(" ", text.strip())
-    if text.endswith(".") and not text.endswith(".."):
-        text = text[:-1].rstrip()
-    return text.casefold() if case_free else text
-
-
 def strict_match(answer: str | None, gold: str | None) -> bool:
     """Exact match after normalisation (case-folded for Yes/No-like gold answers)."""
     if answer is None or gold is None:
         return False
-    case_free = gold.strip().casefold() in CASE_FREE_ANSWERS
+    case_free = is_case_free(gold)
     return normalize_answer(answer, case_free) == normalize_answer(gold, case_free)
 
 
