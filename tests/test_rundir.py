@@ -85,3 +85,7 @@ def test_pipeline_dir_timings_and_paths(tmp_path):
         write_json(r.eval(s), {})
     write_jsonl(r.eval_completions(5), [])
     assert r.eval_steps() == [0, 5, 10]
+    assert r.sample_steps() == []
+    for s in (20, 3):
+        write_jsonl(r.samples(s), [{"step": s}])
+    assert r.sample_steps() == [3, 20]

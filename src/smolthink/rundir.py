@@ -27,12 +27,20 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 STEP_FILE = re.compile(r"^step_(\d{6,})\.json$")
+STEP_SAMPLES = re.compile(r"^step_(\d{6,})\.jsonl$")
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
 def step_name(step: int) -> str:
     """`step_000010`: the zero-padded name every per-step file and directory uses."""
     return f"step_{step:06d}"
+
+
+def _steps(directory: Path, pattern: re.Pattern) -> list[int]:
+    """The steps of the per-step files in `directory` whose names match `pattern`, ascending."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := pattern.match(p.name)))
 
 
 # ----------------------------------------------------------------------------------------------- atomic writes
@@ -189,13 +197,15 @@ class RunDir:
 
     def eval_steps(self) -> list[int]:
         """Steps with an eval summary, ascending."""
-        if not self.eval_dir.is_dir():
-            return []
-        return sorted(int(m.group(1)) for p in self.eval_dir.iterdir() if (m := STEP_FILE.match(p.name)))
+        return _steps(self.eval_dir, STEP_FILE)
 
     def samples(self, step: int) -> Path:
         """samples/step_XXXXXX.jsonl: decoded rollouts of that step."""
         return self.samples_dir / f"{step_name(step)}.jsonl"
+
+    def sample_steps(self) -> list[int]:
+        """Steps with decoded rollouts, ascending."""
+        return _steps(self.samples_dir, STEP_SAMPLES)
 
     def checkpoint(self, step: int) -> Path:
         """checkpoints/step_XXXXXX/."""
