@@ -25,6 +25,7 @@ from .chat import SYSTEM_PROMPT, build_messages, format_ok
 from .errors import SmolthinkError
 from .log import progress_bar, write_json, write_jsonl
 from .rewards import RewardConfig, score_completions
+from .sandbox import Scorer
 from .tasks import TaskSpec, make_examples
 from .types import Example
 
@@ -246,7 +247,6 @@ def make_traces(source: str, specs: Sequence[TaskSpec], n: int, seed: int, out_p
     by reason, and up to `top_up_rounds` further rounds draw fresh questions for each task's shortfall, so the
     mixture keeps its proportions. Nothing unverified is written.
     """
-    from .scoring import Scorer
     from .tasks import split_counts
 
     if source not in SOURCES:

@@ -252,7 +252,7 @@ def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False, traces_path: 
     """Run warm-up SFT into out_dir; returns the final eval summary ({} when eval_n == 0), or None when stopped
     by a signal (a checkpoint is saved; continue with resume=True). `on_step(step, metrics)` runs after each
     optimizer step (progress hooks, tests)."""
-    from .scoring import Scorer
+    from .sandbox import Scorer
     from .train_grpo import graceful_stop
 
     out_dir = Path(out_dir)
