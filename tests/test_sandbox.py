@@ -18,7 +18,7 @@ import time
 import pytest
 import reasoning_gym as rg
 
-from smolthink.sandbox import Scorer
+from smolthink.sandbox import DEFAULT_TIMEOUT_S, Scorer
 from smolthink.sandbox.policy import seccomp_available
 from smolthink.sandbox.worker import valid_result
 
@@ -107,6 +107,7 @@ def test_none_answer_needs_no_worker():
     with Scorer() as s:
         assert s.score("syllogism", {}, None, entry("syllogism")) == (0.0, None)
         assert s._workers == [None]
+        assert s.timeout == DEFAULT_TIMEOUT_S
 
 
 def test_scorer_exceptions_and_bad_items_are_errors(scorer):

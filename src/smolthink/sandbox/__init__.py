@@ -17,7 +17,7 @@ propositional_logic and syllogism parse by hand and never eval, but go through t
 Results are (task_score, error): error None for a normal score, else "timeout", "crashed: ...",
 "error: <ExcType>: <message>" (a scorer exception or a SandboxViolation) with score 0.0.
 """
-from .client import Scorer
+from .client import DEFAULT_TIMEOUT_S, Scorer
 from .policy import SandboxViolation
 
-__all__ = ["Scorer", "SandboxViolation"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Scorer", "SandboxViolation"]

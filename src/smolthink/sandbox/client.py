@@ -25,6 +25,8 @@ from .worker import MAX_ERROR, Result, read_frame, valid_result, write_frame
 
 Item = tuple  # (task: str, task_config: dict, answer: str | None, entry: dict)
 
+DEFAULT_TIMEOUT_S = 2.0  # wall-clock seconds one answer may take to score
+
 # The caller's extra patience beyond `timeout` before it declares a worker itself stuck (the worker enforces
 # `timeout` on the scoring process; this covers a fresh worker's imports and building a dataset).
 _BACKSTOP_S = 120.0
@@ -103,7 +105,7 @@ class Scorer:
     worker is replaced on the next call. Use as a context manager or call `close()`. Thread-safe (calls serialise).
     """
 
-    def __init__(self, timeout: float = 2.0, workers: int = 1, memory_mb: int = 1024,
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT_S, workers: int = 1, memory_mb: int = 1024,
                  eval_guard: bool = True):
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
