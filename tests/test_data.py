@@ -71,7 +71,7 @@ def test_scripted_traces_verify_and_a_wrong_one_is_rejected(tmp_path):
 
 
 def test_verify_reasons():
-    from smolthink.scoring import Scorer
+    from smolthink.sandbox import Scorer
 
     ex = make_examples(parse_tasks("syllogism"), 1, 0, "train")[0]
     good = f"<think> reasons </think> <answer>{ex.answer}</answer>"

@@ -19,7 +19,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .models import eos_ids, load_model
     from .rollout import make_engine
     from .runtime import render_prompts, set_threads
-    from .scoring import Scorer
+    from .sandbox import Scorer
     from .tasks import make_examples, parse_tasks
     from .types import SamplingParams
 

@@ -25,6 +25,7 @@ from .chat import SYSTEM_PROMPT, build_messages, format_ok
 from .errors import SmolthinkError
 from .log import progress_bar, write_json, write_jsonl
 from .rewards import RewardConfig, score_completions
+from .sandbox import DEFAULT_TIMEOUT_S, Scorer
 from .tasks import TaskSpec, make_examples
 from .types import Example
 
@@ -232,7 +233,7 @@ def make_traces(source: str, specs: Sequence[TaskSpec], n: int, seed: int, out_p
                 exclude_questions: Iterable[str] = (), model=None, tokenizer=None,
                 teacher_kwargs: dict[str, Any] | None = None, samples_per_question: int = 4,
                 stats_path: Path | None = None, max_new_tokens: int = 300, temperature: float = 0.8,
-                top_up_rounds: int = 3, balanced: bool = True, scorer_timeout: float = 2.0,
+                top_up_rounds: int = 3, balanced: bool = True, scorer_timeout: float = DEFAULT_TIMEOUT_S,
                 solver: Callable | None = None) -> dict[str, Any]:
     """Write up to n verified warm-up traces on train questions (disjoint from `exclude_questions`, e.g. the eval
     set) to out_path (JSONL) and their stats to stats_path (default <out>.stats.json); returns the stats.
@@ -246,7 +247,6 @@ def make_traces(source: str, specs: Sequence[TaskSpec], n: int, seed: int, out_p
     by reason, and up to `top_up_rounds` further rounds draw fresh questions for each task's shortfall, so the
     mixture keeps its proportions. Nothing unverified is written.
     """
-    from .scoring import Scorer
     from .tasks import split_counts
 
     if source not in SOURCES:

@@ -43,7 +43,7 @@ def base_eval(cfg: PipelineConfig, run: Path) -> None:
     from .models import eos_ids, load_model
     from .rollout import make_engine
     from .runtime import render_prompts
-    from .scoring import Scorer
+    from .sandbox import Scorer
     from .tasks import make_examples, parse_tasks
     from .types import SamplingParams
 

@@ -29,7 +29,7 @@ from .rewards import RewardConfig, load_functions, score_completions
 from .rollout import make_engine
 from .runtime import (load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads,
                       trim_heap)
-from .scoring import Scorer
+from .sandbox import Scorer
 from .stage import eval_metrics, eval_to_dir
 from .tasks import parse_tasks, train_eval_split
 from .types import SamplingParams

@@ -252,7 +252,7 @@ def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False, traces_path: 
     """Run warm-up SFT into out_dir; returns the final eval summary ({} when eval_n == 0), or None when stopped
     by a signal (a checkpoint is saved; continue with resume=True). `on_step(step, metrics)` runs after each
     optimizer step (progress hooks, tests)."""
-    from .scoring import Scorer
+    from .sandbox import Scorer
     from .train_grpo import graceful_stop
 
     out_dir = Path(out_dir)
@@ -286,7 +286,7 @@ def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False, traces_path: 
     metrics = MetricsWriter(out_dir / "metrics.jsonl", truncate_after_step=state.step if ckpt else None)
     stop = {"signal": None}
     previous = {sig: signal.signal(sig, graceful_stop(stop, sig)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    ctx["scorer"] = scorer = Scorer(timeout=2.0)
+    ctx["scorer"] = scorer = Scorer()
     final: dict[str, Any] | None = None
     try:
         if ckpt is None and cfg.eval_n > 0 and cfg.eval_at_start:

@@ -18,7 +18,9 @@ import time
 import pytest
 import reasoning_gym as rg
 
-from smolthink.scoring import Scorer, _seccomp_available, _valid_result
+from smolthink.sandbox import DEFAULT_TIMEOUT_S, Scorer
+from smolthink.sandbox.policy import seccomp_available
+from smolthink.sandbox.worker import valid_result
 
 TIMEOUT = 1.0
 
@@ -105,6 +107,7 @@ def test_none_answer_needs_no_worker():
     with Scorer() as s:
         assert s.score("syllogism", {}, None, entry("syllogism")) == (0.0, None)
         assert s._workers == [None]
+        assert s.timeout == DEFAULT_TIMEOUT_S
 
 
 def test_scorer_exceptions_and_bad_items_are_errors(scorer):
@@ -118,9 +121,9 @@ def test_scorer_exceptions_and_bad_items_are_errors(scorer):
 
 
 def test_result_validation():
-    assert _valid_result(0.25, None) == (0.25, None)
+    assert valid_result(0.25, None) == (0.25, None)
     for bad in (1.5, -0.1, float("nan"), "1.0", None, [1.0]):
-        score, err = _valid_result(bad, None)
+        score, err = valid_result(bad, None)
         assert score == 0.0 and err.startswith("error: invalid score")
 
 
@@ -153,7 +156,7 @@ def test_payloads_never_touch_the_file_system(scorer, raw, sandbox_cwd, tmp_path
     assert os.listdir(sandbox_cwd) == []
 
 
-@pytest.mark.skipif(not _seccomp_available(), reason="no seccomp filter on this platform")
+@pytest.mark.skipif(not seccomp_available(), reason="no seccomp filter on this platform")
 def test_the_seccomp_layer_catches_what_the_audit_hook_cannot(raw, tmp_path):
     canary = tmp_path / "CANARY"
     e = entry("binary_matrix")
