@@ -37,3 +37,15 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer):
     tiny_model(vocab_size=len(tiny_tokenizer)).save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tests (they opt in with `pytestmark = pytest.mark.usefixtures(
+    "one_thread")`): on a shared 2-core machine two OpenMP threads stall each other."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

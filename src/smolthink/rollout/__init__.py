@@ -1,4 +1,6 @@
-"""Rollout engines behind one interface (`base.Engine`): `hf` (baseline) and `fast` (CPU engine)."""
+"""Rollout engines behind one interface (`base.Engine`): `hf` (baseline, any model) and `fast` (Llama-family CPU
+engine: the batching loop in `fast`, the decoder and its weights in `llama`, token sampling in `sampling`).
+`make_engine` is the package API; import an engine class from its module."""
 from __future__ import annotations
 
 import logging
@@ -17,7 +19,7 @@ def make_engine(name: str, model, eos_ids, pad_id: int):
         from .fast import FastEngine
 
         engine = FastEngine(eos_ids, pad_id)
-        if hasattr(engine, "supports") and not engine.supports(model):
+        if not engine.supports(model):
             raise ValueError(f"unsupported architecture {type(model).__name__}")
         return engine
     except (ImportError, ValueError) as e:

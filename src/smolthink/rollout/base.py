@@ -23,7 +23,10 @@ class Engine(Protocol):
         n: int,
         sampling: SamplingParams,
         seed: int | None = None,
-    ) -> list[list[Rollout]]: ...
+    ) -> list[list[Rollout]]:
+        """`n` completions of each prompt (token ids) under `sampling` -> [prompt][sample] Rollouts; the same
+        `seed` gives the same tokens."""
+        ...
 
 
 def split_completion(tokens: list[int], eos_ids: set[int], max_new_tokens: int) -> tuple[list[int], str]:
@@ -36,3 +39,17 @@ def split_completion(tokens: list[int], eos_ids: set[int], max_new_tokens: int) 
         if t in eos_ids:
             return tokens[: i + 1], "stop"
     return tokens[:max_new_tokens], "length"
+
+
+def group_rollouts(prompts: Sequence[list[int]], rows: list[list[int]], n: int, eos_ids: set[int],
+                   max_new_tokens: int) -> list[list[Rollout]]:
+    """Generated token rows [len(prompts) * n][>= 0] (the n samples of prompt i at rows i*n .. i*n+n-1), cut at
+    the first EOS -> [prompt][sample] Rollouts."""
+    result = []
+    for i, p in enumerate(prompts):
+        row = []
+        for j in range(n):
+            comp, reason = split_completion(rows[i * n + j], eos_ids, max_new_tokens)
+            row.append(Rollout(prompt_ids=list(p), completion_ids=comp, finish_reason=reason))
+        result.append(row)
+    return result

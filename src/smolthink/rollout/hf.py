@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from ..types import Rollout, SamplingParams
-from .base import split_completion
+from .base import group_rollouts
 
 
 class HFEngine:
@@ -62,12 +62,4 @@ class HFEngine:
             **kwargs,
         )  # [B*n, P + T]
         model.train(was_training)
-        gen = seqs[:, width:].tolist()
-        result = []
-        for i, p in enumerate(prompts):
-            row = []
-            for j in range(n):
-                comp, reason = split_completion(gen[i * n + j], self.eos_ids, sampling.max_new_tokens)
-                row.append(Rollout(prompt_ids=list(p), completion_ids=comp, finish_reason=reason))
-            result.append(row)
-        return result
+        return group_rollouts(prompts, seqs[:, width:].tolist(), n, self.eos_ids, sampling.max_new_tokens)
