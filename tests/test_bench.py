@@ -1,6 +1,23 @@
-"""bench helpers: summaries, the reward used on the TRL side, the table (no timings asserted)."""
+"""bench helpers: the flags on the main parser, summaries, the reward used on the TRL side, the table, the child
+processes' wiring (no timings asserted, nothing benchmarked)."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
-from smolthink.bench import build_parser, format_table, strict_syllogism_reward, summarize, training_flops
+from smolthink import bench
+from smolthink.bench import grpo
+from smolthink.bench.grpo import strict_syllogism_reward
+from smolthink.bench.tables import format_table, summarize, training_flops
+from smolthink.cli import build_parser, cmd_bench
+
+# what the bench's own parser gave for `--parts flops,rollout --reps 2 --set a=1` before its flags moved onto the
+# main CLI parser
+OLD_NAMESPACE = {"model": None, "prompts": 8, "group": 6, "max_new_tokens": 300, "temperature": 0.7, "top_p": 0.95,
+                 "reps": 2, "threads": 0, "seed": 0, "engines": "hf,fast", "parts": "flops,rollout",
+                 "grpo": "trl,smolthink", "grpo_steps": 2, "minibatch": 8, "max_tokens_per_forward": None,
+                 "sets": ["a=1"], "out": "benchmarks/results.json", "child": None, "child_out": None}
 
 
 def test_summarize():
@@ -66,8 +83,75 @@ def test_training_flops_is_four_n_per_token_against_the_2048_row_limit():
 
 
 def test_parser_defaults_are_the_recipe_shape():
-    a = build_parser().parse_args([])
+    a = build_parser().parse_args(["bench"])
     assert (a.prompts, a.group, a.max_new_tokens, a.temperature, a.top_p) == (8, 6, 300, 0.7, 0.95)
+
+
+def test_main_parser_gives_the_bench_namespace_it_had_before():
+    a = build_parser().parse_args(["bench", "--parts", "flops,rollout", "--reps", "2", "--set", "a=1"])
+    assert {k: getattr(a, k) for k in OLD_NAMESPACE} == OLD_NAMESPACE
+    assert a.func is cmd_bench
+
+
+def test_results_args_are_the_bench_flags_only():
+    """results.json's "args": every user flag, no CLI plumbing (func is not JSON) and no child flags."""
+    a = build_parser().parse_args(["-v", "bench", "--reps", "2", "--child", "trl", "--child-out", "x.json"])
+    opts = bench.bench_options(a)
+    assert list(opts) == [k for k in OLD_NAMESPACE if not k.startswith("child")]
+    assert opts["reps"] == 2 and json.loads(json.dumps(opts)) == opts
+
+
+def test_child_argv_parses_back_to_the_same_flags():
+    a = build_parser().parse_args(["bench", "--model=-odd-dir", "--temperature", "0.3", "--top-p", "1e-05",
+                                   "--grpo", "smolthink", "--max-tokens-per-forward", "512", "--set", "a=1",
+                                   "--set", "lr=-2", "--out", "o.json"])
+    words = bench.bench_argv(a)
+    b = build_parser().parse_args(["bench", *words, "--child", "smolthink", "--child-out", "c.json"])
+    assert bench.bench_options(b) == bench.bench_options(a)
+    assert (b.model, b.top_p, b.sets, b.max_tokens_per_forward) == ("-odd-dir", 1e-05, ["a=1", "lr=-2"], 512)
+    assert (b.child, b.child_out) == ("smolthink", "c.json")
+    assert not any(w.startswith("--child") for w in words)
+    defaults = bench.bench_argv(build_parser().parse_args(["bench"]))
+    assert not any(w.startswith(("--model", "--set", "--max-tokens-per-forward")) for w in defaults)
+
+
+def test_grpo_bench_starts_each_side_with_the_bench_flags_and_skips_the_warmup_step(monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **_):
+        calls.append(cmd)
+        side, out = cmd[cmd.index("--child") + 1], cmd[cmd.index("--child-out") + 1]
+        if side == "trl":
+            return type("P", (), {"returncode": -9, "stderr": "Killed", "stdout": ""})()
+        steps = [{"step": i, "rollout_s": 9.0 if i == 1 else 1.0, "train_s": 2.0} for i in (1, 2, 3)]
+        with open(out, "w") as f:
+            json.dump({"side": side, "per_step": steps}, f)
+        return type("P", (), {"returncode": 0, "stderr": "", "stdout": ""})()
+
+    monkeypatch.setattr(grpo.subprocess, "run", fake_run)
+    a = build_parser().parse_args(["bench", "--grpo", "trl,smolthink", "--reps", "2"])
+    res = grpo.grpo_bench(a, bench.bench_argv(a))
+    assert [c[:3] for c in calls] == [[sys.executable, "-m", "smolthink.bench"]] * 2
+    child = build_parser().parse_args(["bench", *calls[1][3:]])
+    assert bench.bench_options(child) == bench.bench_options(a) and child.child == "smolthink"
+    assert res["trl"] == {"available": False, "reason": "killed by SIGKILL (out of memory?): Killed"}
+    assert res["smolthink"]["step_s_summary"] == {"median": 3.0, "min": 3.0, "max": 3.0, "n": 2}
+
+
+def test_child_flag_runs_one_side_and_writes_its_result(monkeypatch, tmp_path):
+    monkeypatch.setattr("smolthink.runtime.set_threads", lambda n: 1)
+    monkeypatch.setattr(grpo, "_child_smolthink", lambda args: {"side": "smolthink", "prompts": args.prompts})
+    out = tmp_path / "child.json"
+    a = build_parser().parse_args(["bench", "--prompts=3", "--child", "smolthink", "--child-out", str(out)])
+    assert bench.main(a) == 0
+    assert json.loads(out.read_text()) == {"side": "smolthink", "prompts": 3}
+
+
+def test_python_dash_m_entry_uses_the_main_parser():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the smolthink these tests import
+    proc = subprocess.run([sys.executable, "-m", "smolthink.bench", "--help"], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 0 and "usage: smolthink bench" in proc.stdout and "--grpo-steps" in proc.stdout
 
 
 def test_cli_hands_leading_options_to_the_bench(capsys):

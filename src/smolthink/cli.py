@@ -152,9 +152,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     """Rollout and GRPO-step benchmark vs HF generate and TRL."""
-    from .bench import main_bench
+    from .bench import main
 
-    main_bench(args.bench_args)
+    main(args)
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
@@ -176,6 +176,8 @@ def add_stage_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
+    from . import bench
+
     p = argparse.ArgumentParser(prog="smolthink", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
@@ -224,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.set_defaults(func=cmd_serve)
 
-    be = sub.add_parser("bench", help="benchmark rollouts and GRPO steps against HF generate and TRL")
-    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help)")
+    be = sub.add_parser("bench", help="benchmark rollouts and GRPO steps against HF generate and TRL",
+                        description=bench.__doc__.split("\n\n")[0],
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_bench_args(be)
     be.set_defaults(func=cmd_bench)
 
     ta = sub.add_parser("tasks", help="list reasoning-gym tasks")
@@ -245,11 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors print one line, Ctrl-C exits 130."""
     from .log import setup_logging
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # argparse's REMAINDER drops a leading "--option": hand the rest over untouched
-        args = argparse.Namespace(verbose=False, func=cmd_bench, bench_args=argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
         args.func(args)
