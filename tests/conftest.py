@@ -23,7 +23,7 @@ def tiny_tokenizer(embedded):
 @pytest.fixture()
 def tiny_lm(tiny_tokenizer):
     """A tiny random Llama with the real tokenizer's vocabulary (fast, no download)."""
-    from smolthink.models import tiny_model
+    from tiny import tiny_model
 
     return tiny_model(vocab_size=len(tiny_tokenizer))
 
@@ -31,7 +31,7 @@ def tiny_lm(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tiny_tokenizer):
     """A saved tiny random Llama + the real tokenizer, loadable by every `--model` path (tests only read it)."""
-    from smolthink.models import tiny_model
+    from tiny import tiny_model
 
     d = tmp_path_factory.mktemp("tiny")
     tiny_model(vocab_size=len(tiny_tokenizer)).save_pretrained(d)

@@ -18,7 +18,7 @@ MSG = [{"role": "user", "content": "Is every cat an animal?"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_tokenizer):
-    from smolthink.models import tiny_model
+    from tiny import tiny_model
 
     model = tiny_model(vocab_size=len(tiny_tokenizer))
     srv = make_server(model, tiny_tokenizer, host="127.0.0.1", port=0)

@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from smolthink.chat import SYSTEM_PROMPT
+from smolthink.config import DataConfig
 from smolthink.data import HINT, hint_answer, make_traces, stats_path_for, verify
 from smolthink.errors import SmolthinkError
 from smolthink.tasks import make_examples, parse_tasks
@@ -28,7 +29,7 @@ def test_scripted_traces_verify_and_a_wrong_one_is_rejected(tmp_path):
     would_pick = make_examples(specs, n, 0, "train", balanced=True)
     banned = [would_pick[0].question, would_pick[1].question]
     out = tmp_path / "traces.jsonl"
-    stats = make_traces("scripted", specs, n, 0, out, exclude_questions=banned)
+    stats = make_traces(DataConfig(num_traces=n), specs, 0, out, exclude_questions=banned)
     # the solvers decline items they cannot derive (reasoning-gym mislabels some syllogisms): those are the only
     # rejections, every trace they do write verifies, and top-up rounds replace the declined questions
     assert stats["requested"] == n and stats["kept"] == n, stats
@@ -61,8 +62,8 @@ def test_scripted_traces_verify_and_a_wrong_one_is_rejected(tmp_path):
         return trace
 
     out2 = tmp_path / "traces2.jsonl"
-    stats2 = make_traces("scripted", specs, n, 0, out2, exclude_questions=banned, solver=corrupt_first,
-                         stats_path=tmp_path / "s.json", top_up_rounds=0)
+    stats2 = make_traces(DataConfig(num_traces=n, top_up_rounds=0), specs, 0, out2, exclude_questions=banned,
+                         solver=corrupt_first, stats_path=tmp_path / "s.json")
     assert stats2["rejected_by_reason"]["wrong"] == 1 and stats2["rejected_by_reason"]["format"] == 0
     assert stats2["rejected"] == stats2["rejected_by_reason"]["no_trace"] + 1
     assert stats2["kept"] + stats2["rejected"] == stats2["questions"] == n
@@ -85,8 +86,8 @@ def test_verify_reasons():
 def test_local_teacher_stats_add_up(tmp_path, tiny_lm, tiny_tokenizer):
     specs = parse_tasks(BOTH)
     out = tmp_path / "teacher.jsonl"
-    stats = make_traces("teacher", specs, 2, 0, out, model=tiny_lm, tokenizer=tiny_tokenizer,
-                        samples_per_question=2, max_new_tokens=6, top_up_rounds=0)
+    cfg = DataConfig(source="teacher", num_traces=2, samples_per_question=2, max_new_tokens=6, top_up_rounds=0)
+    stats = make_traces(cfg, specs, 0, out, model=tiny_lm, tokenizer=tiny_tokenizer)
     assert stats["questions"] == 2 and stats["kept"] + stats["rejected"] == 2
     assert sum(stats["rejected_by_reason"].values()) == stats["rejected"]
     assert stats["samples"] == 4 and 0 <= stats["samples_verified"] <= 4
@@ -106,15 +107,14 @@ def test_api_teacher_against_the_local_server(tmp_path, tiny_lm, tiny_tokenizer,
         kw = {"base_url": server.url, "model": "smolthink-local", "api_key": "test", "concurrency": 2,
               "cache_dir": str(tmp_path / "cache")}
         specs = parse_tasks("syllogism")
-        a = make_traces("api", specs, 2, 0, tmp_path / "a.jsonl", teacher_kwargs=kw, samples_per_question=2,
-                        max_new_tokens=6, top_up_rounds=1)
+        cfg = DataConfig(source="api", num_traces=2, samples_per_question=2, max_new_tokens=6, top_up_rounds=1)
+        a = make_traces(cfg, specs, 0, tmp_path / "a.jsonl", teacher_kwargs=kw)
         assert a["kept"] + a["rejected"] == a["questions"] and a["samples"] == 2 * a["questions"]
         assert 2 <= a["questions"] <= 4 and a["rounds"] == (1 if a["kept"] == 2 else 2)
         assert a["teacher_completion_tokens"] > 0
         calls = server.calls
         assert calls >= 2
-        b = make_traces("api", specs, 2, 0, tmp_path / "b.jsonl", teacher_kwargs=kw, samples_per_question=2,
-                        max_new_tokens=6, top_up_rounds=1)
+        b = make_traces(cfg, specs, 0, tmp_path / "b.jsonl", teacher_kwargs=kw)
         assert server.calls == calls  # every request answered from the cache
         assert b["teacher_cache_hits"] == b["questions"] == a["questions"] and b["teacher_http_requests"] == 0
         assert (b["kept"], b["rejected"]) == (a["kept"], a["rejected"])
@@ -126,7 +126,7 @@ def test_api_teacher_against_the_local_server(tmp_path, tiny_lm, tiny_tokenizer,
     for var in ("OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(SmolthinkError, match="OPENAI_BASE_URL"):
-        make_traces("api", specs, 2, 0, tmp_path / "c.jsonl")
+        make_traces(DataConfig(source="api", num_traces=2), specs, 0, tmp_path / "c.jsonl")
 
 
 class EchoTeacher:
@@ -159,7 +159,8 @@ def test_hint_never_reaches_the_saved_rows(tmp_path, tiny_lm, tiny_tokenizer):
         kw = {"base_url": server.url, "model": "echo", "api_key": "test", "cache_dir": str(tmp_path / "cache")}
         specs = parse_tasks(BOTH)
         out = tmp_path / "t.jsonl"
-        stats = make_traces("api", specs, 4, 0, out, teacher_kwargs=kw, samples_per_question=1)
+        stats = make_traces(DataConfig(source="api", num_traces=4, samples_per_question=1), specs, 0, out,
+                            teacher_kwargs=kw)
     finally:
         server.shutdown()
         server.server_close()

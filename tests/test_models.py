@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from smolthink.errors import SmolthinkError
-from smolthink.models import (attach_lora, eos_ids, load_model, resolve_model, save_final, tiny_model)
+from smolthink.models import attach_lora, eos_ids, load_model, resolve_model, save_final
+from tiny import tiny_model
 
 
 def test_cached_embedded_model_matches_gguf_load(embedded):

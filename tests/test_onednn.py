@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from smolthink.logprobs import token_logprobs
-from smolthink.models import attach_lora, tiny_model
+from smolthink.models import attach_lora
+from tiny import tiny_model
 from smolthink.onednn import LoraLinearFn, OneDNNLinears, onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="oneDNN linear not available here")

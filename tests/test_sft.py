@@ -11,7 +11,7 @@ from smolthink.chat import SYSTEM_PROMPT
 from smolthink.config import SFTConfig, build_config
 from smolthink.train_sft import build_experiences, tokenize_messages, train_sft
 
-FAST = dict(threads=2, eval_n=0, minibatch_size=4, warmup_steps=1, log_every=1, max_length=512)
+FAST = {"threads": 2, "eval.n": 0, "minibatch_size": 4, "warmup_steps": 1, "log_every": 1, "max_length": 512}
 
 
 def _syllogism_trace(entry, flip=False):
@@ -24,18 +24,20 @@ def _syllogism_trace(entry, flip=False):
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory):
     """8 verified syllogism traces (written through make_traces with a template solver)."""
+    from smolthink.config import DataConfig
     from smolthink.data import make_traces
     from smolthink.tasks import parse_tasks
 
     path = tmp_path_factory.mktemp("data") / "traces.jsonl"
-    stats = make_traces("scripted", parse_tasks("syllogism"), 8, 0, path,
+    stats = make_traces(DataConfig(num_traces=8), parse_tasks("syllogism"), 0, path,
                         solver=lambda task, entry, rng: _syllogism_trace(entry))
     assert stats["kept"] == 8
     return path
 
 
-def cfg_for(tiny_dir, **kw):
-    return build_config(SFTConfig, [{"model": str(tiny_dir), **FAST, **kw}])
+def cfg_for(tiny_dir, traces=None, **kw):
+    return build_config(SFTConfig, [{"model": str(tiny_dir), **FAST, **kw},
+                                    {"data.path": str(traces)} if traces else {}])
 
 
 def metrics(out):
@@ -72,8 +74,8 @@ def test_loss_mask_is_exactly_the_assistant_turn_and_eos(tiny_tokenizer):
 
 def test_sft_lowers_the_loss_on_its_data(tmp_path, tiny_dir, traces):
     out = tmp_path / "run"
-    train_sft(cfg_for(tiny_dir, num_epochs=4, learning_rate=1e-2, use_lora=False, lr_scheduler_type="constant"),
-              out, traces_path=traces)
+    train_sft(cfg_for(tiny_dir, traces, num_epochs=4, learning_rate=1e-2, use_lora=False,
+                      lr_scheduler_type="constant"), out)
     rows = metrics(out)
     assert [r["epoch"] for r in rows] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
     losses = [r["loss/sft"] for r in rows]
@@ -86,17 +88,18 @@ def test_sft_lowers_the_loss_on_its_data(tmp_path, tiny_dir, traces):
 def test_resume_after_sigterm_is_exact(tmp_path, tiny_dir, traces):
     """4 steps straight == SIGTERM after step 2 (graceful stop + checkpoint), then resume for 2 (cosine lr,
     warm-up, gradient accumulation and an epoch boundary in between)."""
-    cfg = cfg_for(tiny_dir, max_steps=4, minibatch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3)
+    cfg = cfg_for(tiny_dir, traces, max_steps=4, minibatch_size=2, gradient_accumulation_steps=2,
+                  learning_rate=1e-3)
     straight, split = tmp_path / "a", tmp_path / "b"
-    train_sft(cfg, straight, traces_path=traces)
+    train_sft(cfg, straight)
 
     def sigterm_at_2(step, m):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    assert train_sft(cfg, split, traces_path=traces, on_step=sigterm_at_2) is None
+    assert train_sft(cfg, split, on_step=sigterm_at_2) is None
     assert (split / "checkpoints" / "step_000002").is_dir() and not (split / "DONE").exists()
-    assert train_sft(cfg, split, resume=True, traces_path=traces) is not None
+    assert train_sft(cfg, split, resume=True) is not None
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in rows]
     a, b = strip(metrics(straight)), strip(metrics(split))
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -112,16 +115,23 @@ def test_smoke_writes_every_artifact(tmp_path, tiny_dir, monkeypatch):
     from smolthink.cli import main
     from smolthink.models import load_model
 
+    import time
+
     out = tmp_path / "run"
     args = ["sft", "--model", str(tiny_dir), "--out", str(out)]
-    for s in ["max_steps=2", "num_traces=6", "eval_n=2", "eval_max_new_tokens=4", "minibatch_size=3", "threads=2"]:
+    for s in ["max_steps=2", "data.num_traces=6", "eval.n=2", "eval.max_new_tokens=4", "minibatch_size=3",
+              "threads=2"]:
         args += ["--set", s]
+    t0 = time.time()
     assert main(args) == 0
+    wall = time.time() - t0
     for p in ("config.yaml", "metrics.jsonl", "traces.jsonl", "data_stats.json", "eval/step_000000.json",
               "eval/step_000000.completions.jsonl", "eval/step_000002.json", "checkpoints/step_000002/state.json",
               "final/adapter/adapter_config.json", "final/merged/config.json", "DONE"):
         assert (out / p).exists(), p
     assert [r["step"] for r in metrics(out)] == [1, 2]
+    done = json.loads((out / "DONE").read_text())  # one meaning: wall seconds and optimizer steps
+    assert done["steps"] == 2 and 0 < done["seconds"] <= wall + 0.1
     assert json.loads((out / "eval" / "step_000002.json").read_text())["n"] == 2
     trained = {json.loads(line)["question"] for line in (out / "traces.jsonl").read_text().splitlines()}
     assert len(trained) == 6

@@ -117,7 +117,7 @@ def test_toy_reward_rises(tmp_path, tiny_dir):
 def test_bad_config_is_one_line(tmp_path, tiny_dir, capsys):
     assert main(["train", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), "--set", "num_generations=1"]) == 2
     err = capsys.readouterr().err
-    assert "num_generations must be >= 2" in err and "Traceback" not in err
+    assert "bad value for num_generations: 1 (expected value >= 2)" in err and "Traceback" not in err
     assert main(["train", "--out", str(tmp_path / "y"), "--set", "task=nosuchtask"]) == 2
     assert "unknown task" in capsys.readouterr().err
 

@@ -3,9 +3,7 @@ loop state, written to a temporary directory and renamed, so a crash never leave
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,8 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import SmolthinkError
-
-STEP_DIR = re.compile(r"^step_(\d{6,})$")
+from .rundir import STEP_DIR, atomic_dir, step_name
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -38,25 +35,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict[str, Any],
                     extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Write checkpoints/step_XXXXXX atomically; keep the newest `keep` ones. `state` is JSON (loop counters),
+    """Write checkpoints/step_XXXXXX atomically (`rundir.atomic_dir`: built under a temp name, fsynced, renamed);
+    keep the newest `keep` ones. `state` is JSON (loop counters),
     `extra` is torch-saved (buffer, pending plan)."""
     ckpt_root = Path(ckpt_root)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f".tmp_step_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    final = ckpt_root / step_name(step)
+    with atomic_dir(final) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {}}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(list_checkpoints(ckpt_root))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -5,66 +5,73 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import SmolthinkError
 
 log = logging.getLogger("smolthink")
 
 
+def flag_values(args: argparse.Namespace, keys: dict[str, str]) -> dict[str, Any]:
+    """{config key: value} for the flags the user gave (flags default to None, so the config's own defaults stay
+    the one source); keys maps a flag's dest to its dotted config key."""
+    return {key: getattr(args, dest) for dest, key in keys.items() if getattr(args, dest, None) is not None}
+
+
+def load_command_config(cls, args: argparse.Namespace, flags: dict[str, str]):
+    """Config from defaults <- --config YAML <- flags <- --set overrides."""
+    from .config import build_config, load_yaml, parse_overrides
+
+    sources = [load_yaml(args.config) if getattr(args, "config", None) else {}]
+    return build_config(cls, sources + [flag_values(args, flags), parse_overrides(args.set or [])])
+
+
+EVAL_FLAGS = {"model": "model", "task": "task", "seed": "seed", "threads": "threads", "engine": "engine",
+              "n": "eval.n", "samples": "eval.samples", "max_new_tokens": "eval.max_new_tokens",
+              "temperature": "eval.temperature", "top_p": "eval.top_p", "batch_size": "eval.batch_size",
+              "balanced": "eval.balanced", "scorer_timeout": "reward.scorer_timeout"}
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a model on a held-out, balanced set and print the summary table."""
-    from .chat import template_prefill
-    from .evaluate import evaluate
-    from .log import console, eval_table, progress_bar, write_json, write_jsonl
-    from .models import eos_ids, load_model
-    from .rollout import make_engine
-    from .runtime import render_prompts, set_threads
+    from .config import EvalRunConfig
+    from .evaluate import make_evaluator
+    from .log import console, eval_table, progress_bar
+    from .models import load_model
+    from .runtime import set_threads
     from .sandbox import Scorer
-    from .tasks import make_examples, parse_tasks
-    from .types import SamplingParams
+    from .tasks import parse_tasks
 
-    set_threads(args.threads)
-    specs = parse_tasks(args.task)
-    examples = make_examples(specs, args.n, args.seed, "eval", balanced=not args.unbalanced)
-    model, tok = load_model(args.model)
-    engine = make_engine(args.engine, model, eos_ids(tok, model), tok.pad_token_id)
-    prompts = render_prompts(tok, examples)
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature if args.samples > 1 or args.temperature > 0 else 0.0,
-                              top_p=args.top_p)
-    if args.samples > 1 and sampling.temperature <= 0:
-        sampling.temperature = 0.7
-    log.info("evaluating %s on %d %s questions (%s), %d sample(s) each, engine %s",
-             args.model or "embedded SmolLM2-135M-Instruct", len(examples), args.task,
-             "unbalanced" if args.unbalanced else "balanced", args.samples, type(engine).__name__)
-    with Scorer(timeout=args.scorer_timeout) as scorer, progress_bar("eval", len(examples)) as advance:
-        summary, records = evaluate(model, tok, engine, examples, prompts, scorer, specs, sampling,
-                                    samples_per_question=args.samples, batch_size=args.batch_size, seed=args.seed,
-                                    prefill=template_prefill(tok), progress=advance)
-    summary.update(step=0, model=args.model or "embedded", task=args.task)
-    console.print(eval_table(summary, f"{args.task}: {summary['model']}"))
-    if args.out:
-        out = Path(args.out)
-        write_json(out / "eval.json", summary)
-        write_jsonl(out / "completions.jsonl", records)
+    cfg = load_command_config(EvalRunConfig, args, EVAL_FLAGS)
+    set_threads(cfg.threads)
+    model, tok = load_model(cfg.model)
+    out = Path(args.out) if args.out else None
+    with Scorer(timeout=cfg.reward.scorer_timeout) as scorer:
+        ev = make_evaluator(model, tok, parse_tasks(cfg.task), cfg.eval, cfg.reward, cfg.seed, scorer, cfg.engine)
+        log.info("evaluating %s on %d %s questions (%s), %d sample(s) each, engine %s",
+                 cfg.model or "embedded SmolLM2-135M-Instruct", len(ev.examples), cfg.task,
+                 "balanced" if cfg.eval.balanced else "unbalanced", cfg.eval.samples, type(ev.engine).__name__)
+        with progress_bar("eval", len(ev.examples)) as advance:
+            summary = ev.run(model, out / "eval.json" if out else None, out / "completions.jsonl" if out else None,
+                             {"step": 0, "model": cfg.model or "embedded", "task": str(cfg.task)}, progress=advance)
+    console.print(eval_table(summary, f"{cfg.task}: {summary['model']}"))
+    if out:
         log.info("wrote %s and %s", out / "eval.json", out / "completions.jsonl")
 
 
-def load_stage_config(cls, args: argparse.Namespace):
-    """Config from defaults <- --config YAML <- --model/--task flags <- --set overrides."""
-    from .config import build_config, load_yaml, parse_overrides
-
-    sources = [load_yaml(args.config) if args.config else {}]
-    flags = {k: getattr(args, k) for k in ("model", "task") if getattr(args, k, None) is not None}
-    return build_config(cls, sources + [flags, parse_overrides(args.set or [])])
+STAGE_FLAGS = {"model": "model", "task": "task"}
 
 
 def resolve_run_dir(args: argparse.Namespace, kind: str) -> tuple[Path, bool]:
-    """(run directory, resuming?) from --out / --resume; a fresh default name under runs/."""
+    """(run directory, resuming?) from --out / --resume; a fresh default name under runs/. Resuming without
+    --config reads the run's own resolved config.yaml."""
     import time
 
     if args.resume:
-        return Path(args.resume), True
+        out = Path(args.resume)
+        if not args.config and (out / "config.yaml").is_file():
+            args.config = str(out / "config.yaml")
+        return out, True
     if args.out:
         return Path(args.out), False
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", False
@@ -72,15 +79,24 @@ def resolve_run_dir(args: argparse.Namespace, kind: str) -> tuple[Path, bool]:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """GRPO training."""
-    from .config import GRPOConfig, load_yaml
+    from .config import GRPOConfig
     from .train_grpo import train
 
     out, resume = resolve_run_dir(args, "grpo")
-    if resume and not args.config and (out / "config.yaml").is_file():
-        args.config = str(out / "config.yaml")  # resume with the run's own resolved config
-    cfg = load_stage_config(GRPOConfig, args)
+    cfg = load_command_config(GRPOConfig, args, STAGE_FLAGS)
     log.info("run directory: %s", out)
     train(cfg, out, resume=resume)
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    """Warm-up LoRA SFT on reasoning traces."""
+    from .config import SFTConfig
+    from .train_sft import train_sft
+
+    out, resume = resolve_run_dir(args, "sft")
+    cfg = load_command_config(SFTConfig, args, STAGE_FLAGS)
+    log.info("run directory: %s", out)
+    train_sft(cfg, out, resume=resume)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
@@ -91,8 +107,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     out = Path(args.out or args.resume or "runs/pipeline")
     if not args.config and (out / "pipeline.yaml").is_file():
         args.config = str(out / "pipeline.yaml")  # a rerun continues with the run's own config
-    sources = [load_yaml(args.config) if args.config else {}]
-    sources.append({k: getattr(args, k) for k in ("model", "task") if getattr(args, k, None) is not None})
+    sources = [load_yaml(args.config) if args.config else {}, flag_values(args, STAGE_FLAGS)]
     cfg = build_pipeline_config(sources + [parse_overrides(args.set or [])])
     log.info("pipeline run directory: %s", out)
     run_pipeline(cfg, out)
@@ -104,41 +119,29 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     run = Path(args.run_dir)
     if not run.is_dir():
-        from .errors import SmolthinkError
-
         raise SmolthinkError(f"no such run directory: {run}")
     log.info("wrote %s", write_report(run))
 
 
-def cmd_sft(args: argparse.Namespace) -> None:
-    """Warm-up LoRA SFT on reasoning traces."""
-    from .config import SFTConfig
-    from .train_sft import train_sft
-
-    out, resume = resolve_run_dir(args, "sft")
-    if resume and not args.config and (out / "config.yaml").is_file():
-        args.config = str(out / "config.yaml")
-    cfg = load_stage_config(SFTConfig, args)
-    log.info("run directory: %s", out)
-    train_sft(cfg, out, resume=resume)
+DATA_FLAGS = {"model": "model", "task": "task", "seed": "seed", "source": "data.source", "n": "data.num_traces",
+              "base_url": "data.api_base_url", "api_model": "data.api_model", "concurrency": "data.api_concurrency",
+              "eval_n": "eval.n"}
 
 
 def cmd_data(args: argparse.Namespace) -> None:
     """Warm-up traces: scripted solvers, a local teacher, or an OpenAI-compatible API teacher."""
+    from .config import DataRunConfig
     from .data import make_traces
-    from .tasks import make_examples, parse_tasks
+    from .evaluate import eval_examples
+    from .runtime import set_threads
+    from .tasks import parse_tasks
 
-    specs = parse_tasks(args.task)
-    eval_q = [e.question for e in make_examples(specs, args.eval_n, args.seed, "eval", balanced=True)]
-    model = tok = None
-    if args.source == "teacher":
-        from .models import load_model
-
-        model, tok = load_model(args.model)
-    teacher = {k: v for k, v in (("base_url", args.base_url), ("model", args.api_model), ("api_key", None),
-                                  ("concurrency", args.concurrency)) if v is not None}
-    stats = make_traces(args.source, specs, args.n, args.seed, Path(args.out), exclude_questions=eval_q,
-                        model=model, tokenizer=tok, teacher_kwargs=teacher or None)
+    cfg = load_command_config(DataRunConfig, args, DATA_FLAGS)
+    set_threads(cfg.threads)
+    specs = parse_tasks(cfg.task)
+    eval_q = [e.question for e in eval_examples(specs, cfg.eval, cfg.seed)]
+    stats = make_traces(cfg.data, specs, cfg.seed, Path(args.out), exclude_questions=eval_q, reward=cfg.reward,
+                        policy_model=cfg.model)
     log.info("kept %s of %s traces (rejection rate %.1f%%) -> %s", stats.get("kept"), stats.get("requested"),
              100 * stats.get("rejection_rate", 0.0), args.out)
 
@@ -164,10 +167,16 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     print("\n".join(available_tasks()))
 
 
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """--config and --set, for every command with a config."""
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, dotted into sections (eval.n=100); repeatable")
+
+
 def add_stage_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by train / sft / pipeline."""
-    p.add_argument("--config", default=None, help="YAML config file")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    add_config_args(p)
     p.add_argument("--model", default=None, help="hub id, local dir, .gguf; default: embedded SmolLM2-135M")
     p.add_argument("--task", default=None, help="task name or mixture 'a:2,b:1'")
     p.add_argument("--out", default=None, help="run directory (default runs/<kind>-<time>)")
@@ -183,20 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="evaluate a model on held-out reasoning-gym questions")
+    add_config_args(e)
     e.add_argument("--model", default=None, help="hub id, local dir, .gguf; default: embedded SmolLM2-135M")
-    e.add_argument("--task", default="syllogism", help="task name or mixture 'a:2,b:1'")
-    e.add_argument("--n", type=int, default=100, help="questions")
-    e.add_argument("--samples", type=int, default=1, help="samples per question (pass@k / mean@k when > 1)")
+    e.add_argument("--task", default=None, help="task name or mixture 'a:2,b:1' (default syllogism)")
+    e.add_argument("--n", type=int, default=None, help="questions (eval.n)")
+    e.add_argument("--samples", type=int, default=None, help="samples per question: pass@k / mean@k when > 1")
     e.add_argument("--out", default=None, help="directory for eval.json and completions.jsonl")
-    e.add_argument("--max-new-tokens", type=int, default=300)
-    e.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default for 1 sample)")
-    e.add_argument("--top-p", type=float, default=0.95)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--unbalanced", action="store_true", help="keep the task's natural answer skew")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"])
-    e.add_argument("--scorer-timeout", type=float, default=2.0)
-    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens")
+    e.add_argument("--temperature", type=float, default=None, help="0: greedy (eval.temperature)")
+    e.add_argument("--top-p", type=float, default=None, help="eval.top_p")
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--unbalanced", dest="balanced", action="store_const", const=False, default=None,
+                   help="keep the task's natural answer skew")
+    e.add_argument("--batch-size", type=int, default=None, help="eval.batch_size")
+    e.add_argument("--engine", default=None, choices=["auto", "fast", "hf"])
+    e.add_argument("--scorer-timeout", type=float, default=None, help="reward.scorer_timeout")
+    e.add_argument("--threads", type=int, default=None)
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="GRPO training (our own loop)")
@@ -208,16 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     sf.set_defaults(func=cmd_sft)
 
     da = sub.add_parser("data", help="write verified warm-up traces (JSONL of chat messages)")
-    da.add_argument("--source", default="scripted", choices=["scripted", "teacher", "api"])
-    da.add_argument("--task", default="syllogism")
-    da.add_argument("--n", type=int, default=400, help="traces to keep")
+    add_config_args(da)
+    da.add_argument("--source", default=None, choices=["scripted", "teacher", "api"], help="data.source")
+    da.add_argument("--task", default=None)
+    da.add_argument("--n", type=int, default=None, help="traces to keep (data.num_traces)")
     da.add_argument("--out", default="traces.jsonl")
     da.add_argument("--model", default=None, help="local teacher model (source=teacher)")
     da.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL)")
     da.add_argument("--api-model", default=None, help="API model name (or OPENAI_MODEL); key from OPENAI_API_KEY")
     da.add_argument("--concurrency", type=int, default=None)
-    da.add_argument("--eval-n", type=int, default=400, help="eval questions to exclude (same seed as eval)")
-    da.add_argument("--seed", type=int, default=0)
+    da.add_argument("--eval-n", type=int, default=None, help="eval questions to exclude (same seed as eval)")
+    da.add_argument("--seed", type=int, default=None)
     da.set_defaults(func=cmd_data)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (loopback by default)")

@@ -17,21 +17,22 @@ import random
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlparse
 
 from .chat import SYSTEM_PROMPT, build_messages, format_ok
+from .config import DataConfig, RewardConfig
 from .errors import SmolthinkError
-from .log import progress_bar, write_json, write_jsonl
-from .rewards import RewardConfig, score_completions
-from .sandbox import DEFAULT_TIMEOUT_S, Scorer
+from .log import progress_bar
+from .rewards import score_completions
+from .rundir import write_json, write_jsonl
 from .tasks import TaskSpec, make_examples
 from .types import Example
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("scripted", "teacher", "api")
 HINT = "The correct answer is: {answer}. Explain step by step why, then answer."
 # A rationale that quotes the hint teaches the student to cite a hint it will never see: rejected.
 _HINT_LEAK = re.compile(r"\bhint\b|correct answer is:|\b(?:we are|we were|I am|I was|you are) (?:told|given)\b|"
@@ -95,7 +96,7 @@ def trace_row(ex: Example, trace: str, source: str) -> dict[str, Any]:
 # candidate generators: examples -> [per example: candidate traces in preference order]
 # ---------------------------------------------------------------------------------------------------------------
 
-def scripted_candidates(examples: Sequence[Example], seed: int, solver: Callable | None = None,
+def scripted_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, solver: Callable | None = None,
                         **_: Any) -> tuple[list[list[str | None]], dict[str, Any]]:
     """One solver trace per example (`solvers.solve(task, entry, rng)`), seeded per question."""
     solve = solver
@@ -110,10 +111,9 @@ def scripted_candidates(examples: Sequence[Example], seed: int, solver: Callable
     return [[solve(ex.task, ex.entry, random.Random(f"{seed}-{ex.id}"))] for ex in examples], {}
 
 
-def teacher_candidates(examples: Sequence[Example], seed: int, model=None, tokenizer=None,
-                       samples_per_question: int = 4, temperature: float = 0.8, max_new_tokens: int = 300,
-                       batch_size: int = 8, engine: str = "auto", **_: Any) -> tuple[list[list[str | None]], dict]:
-    """`samples_per_question` samples from a local model prompted with the question and its answer."""
+def teacher_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, model=None, tokenizer=None,
+                       batch_size: int = 8, **_: Any) -> tuple[list[list[str | None]], dict]:
+    """`cfg.samples_per_question` samples from a local model prompted with the question and its answer."""
     from .chat import render_prompt
     from .models import eos_ids
     from .rollout import make_engine
@@ -121,15 +121,15 @@ def teacher_candidates(examples: Sequence[Example], seed: int, model=None, token
 
     if model is None or tokenizer is None:
         raise SmolthinkError("source 'teacher' needs a local model and tokenizer")
-    eng = make_engine(engine, model, eos_ids(tokenizer, model), tokenizer.pad_token_id)
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
+    eng = make_engine("auto", model, eos_ids(tokenizer, model), tokenizer.pad_token_id)
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0)
     out: list[list[str | None]] = []
     counters = Counter()
     with progress_bar("teacher traces", len(examples)) as advance:
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
             prompts = [render_prompt(tokenizer, hinted_messages(ex)) for ex in batch]
-            rows = eng.generate(model, prompts, samples_per_question, sampling, seed=seed * 7919 + start)
+            rows = eng.generate(model, prompts, cfg.samples_per_question, sampling, seed=seed * 7919 + start)
             for prompt, row in zip(prompts, rows):
                 out.append([tokenizer.decode(r.completion_ids, skip_special_tokens=True).strip() for r in row])
                 counters["prompt_tokens"] += len(prompt) * len(row)
@@ -139,9 +139,11 @@ def teacher_candidates(examples: Sequence[Example], seed: int, model=None, token
     return out, {f"teacher_{k}": v for k, v in counters.items()}
 
 
-def _api_settings(teacher_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """base_url / model / api_key from teacher_kwargs, else OPENAI_BASE_URL / OPENAI_MODEL / OPENAI_API_KEY."""
-    kw = dict(teacher_kwargs or {})
+def _api_settings(cfg: DataConfig, teacher_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """APITeacher settings: base_url / model from cfg (else OPENAI_BASE_URL / OPENAI_MODEL), the key from
+    OPENAI_API_KEY, concurrency from cfg; teacher_kwargs (tests: a cache directory, a key) override them."""
+    kw = {"base_url": cfg.api_base_url, "model": cfg.api_model, "concurrency": cfg.api_concurrency,
+          **(teacher_kwargs or {})}
     for key, env in (("base_url", "OPENAI_BASE_URL"), ("model", "OPENAI_MODEL"), ("api_key", "OPENAI_API_KEY")):
         if not kw.get(key):
             kw[key] = os.environ.get(env) or None
@@ -153,20 +155,19 @@ def _api_settings(teacher_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     return kw
 
 
-def api_candidates(examples: Sequence[Example], seed: int, teacher_kwargs: dict | None = None,
-                   samples_per_question: int = 4, temperature: float = 0.8, max_new_tokens: int = 300,
+def api_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, teacher_kwargs: dict | None = None,
                    **_: Any) -> tuple[list[list[str | None]], dict]:
-    """`samples_per_question` samples per question from an OpenAI-compatible API (APITeacher: concurrency,
+    """`cfg.samples_per_question` samples per question from an OpenAI-compatible API (APITeacher: concurrency,
     retries, on-disk cache keyed by model + prompt + sampling settings), prompted with the question and its
     answer. Token counts are summed over every answer used (cached ones included: what the traces cost)."""
     from .teacher_api import APITeacher
 
-    teacher = APITeacher(**_api_settings(teacher_kwargs))
+    teacher = APITeacher(**_api_settings(cfg, teacher_kwargs))
     requests = []
     for k, ex in enumerate(examples):
         messages = hinted_messages(ex)
-        body = {"messages": messages, "temperature": temperature, "max_tokens": max_new_tokens,
-                "n": samples_per_question, "seed": seed * 1_000_003 + k}
+        body = {"messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens,
+                "n": cfg.samples_per_question, "seed": seed * 1_000_003 + k}
         ident = json.dumps([teacher.base_url, teacher.model, body], ensure_ascii=False, sort_keys=True)
         requests.append({"key": hashlib.sha256(ident.encode()).hexdigest()[:40], **body})
     responses = teacher.complete_many(requests)
@@ -229,114 +230,135 @@ def _merge_counters(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_traces(source: str, specs: Sequence[TaskSpec], n: int, seed: int, out_path: Path, *,
-                exclude_questions: Iterable[str] = (), model=None, tokenizer=None,
-                teacher_kwargs: dict[str, Any] | None = None, samples_per_question: int = 4,
-                stats_path: Path | None = None, max_new_tokens: int = 300, temperature: float = 0.8,
-                top_up_rounds: int = 3, balanced: bool = True, scorer_timeout: float = DEFAULT_TIMEOUT_S,
-                solver: Callable | None = None) -> dict[str, Any]:
-    """Write up to n verified warm-up traces on train questions (disjoint from `exclude_questions`, e.g. the eval
-    set) to out_path (JSONL) and their stats to stats_path (default <out>.stats.json); returns the stats.
+@dataclass
+class _Tally:
+    """What a make_traces run has kept and rejected so far."""
 
-    source: "scripted" (solvers.solve), "teacher" (the local `model`, shown the answer, `samples_per_question`
-    samples at `temperature`, first verified one kept), "api" (the same prompt through APITeacher; settings from
-    teacher_kwargs or OPENAI_BASE_URL / OPENAI_MODEL / OPENAI_API_KEY). `solver` replaces solvers.solve (a seam
-    for tests and custom tasks). Round 0 takes n questions (`tasks.make_examples(specs, n, seed, "train")`, split
-    over the mixture by weight; `balanced`: equal answer classes per task where the task has a small answer set,
-    e.g. syllogism's natural 2:1 Yes:No skew would otherwise teach a Yes prior); each rejected question is counted
-    by reason, and up to `top_up_rounds` further rounds draw fresh questions for each task's shortfall, so the
-    mixture keeps its proportions. Nothing unverified is written.
-    """
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    reasons: Counter = field(default_factory=Counter)
+    by_task: dict[str, Counter] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    samples: int = 0
+    samples_ok: int = 0
+    questions: int = 0
+    rounds: int = 0
+    generate_s: float = 0.0
+
+
+def _run_round(source: str, cfg: DataConfig, examples: list[Example], seed: int, scorer, specs, tally: _Tally,
+               banned: set[str], gen_kwargs: dict[str, Any]) -> None:
+    """One round: candidates for every question, all verified in one scoring pass, the first verified trace of
+    each question kept, each rejected question counted under its most informative reason."""
+    tally.rounds += 1
+    t_gen = time.time()
+    candidates, more = GENERATORS[source](examples, seed, cfg, **gen_kwargs)
+    tally.generate_s += time.time() - t_gen
+    tally.extra = _merge_counters(tally.extra, more)
+    flat_ex = [ex for ex, cands in zip(examples, candidates) for _ in cands]
+    flat = [c for cands in candidates for c in cands]
+    verdicts = verify(flat, flat_ex, scorer, specs, check_hint_leak=source != "scripted")
+    pos = 0
+    for ex, cands in zip(examples, candidates):
+        mine = verdicts[pos : pos + len(cands)]
+        pos += len(cands)
+        tally.samples += len(cands)
+        tally.samples_ok += sum(v is None for v in mine)
+        tally.questions += 1
+        banned.add(ex.question)
+        counts = tally.by_task[ex.task]
+        counts["questions"] += 1
+        keep = next((c for c, v in zip(cands, mine) if v is None), None)
+        if keep is not None:
+            tally.rows.append(trace_row(ex, keep, source))
+            counts["kept"] += 1
+        else:  # the most informative reason among its samples: wrong > leak > format > none
+            tally.reasons[next(r for r in ("wrong", "leaks_hint", "format", "no_trace") if r in mine)] += 1
+            counts["rejected"] += 1
+
+
+def _top_up_questions(cfg: DataConfig, specs: Sequence[TaskSpec], target: Counter, tally: _Tally, seed: int,
+                      banned: set[str]) -> list[Example]:
+    """Fresh questions for each task's shortfall, so a mixture keeps its proportions."""
+    examples: list[Example] = []
+    for spec in specs:
+        short = target[spec.name] - tally.by_task[spec.name]["kept"]
+        if short <= 0 or any(e.task == spec.name for e in examples):
+            continue
+        try:
+            examples += make_examples([spec], short, seed, "train", balanced=cfg.balanced, exclude=banned)
+        except SmolthinkError as e:  # the task ran out of distinct questions
+            log.warning("no top-up for %s: %s", spec.name, e)
+    return examples
+
+
+def _trace_stats(source: str, cfg: DataConfig, specs: Sequence[TaskSpec], seed: int, out_path: Path,
+                 target: Counter, tally: _Tally, seconds: float) -> dict[str, Any]:
+    """The data stage's record: yield overall and per task, rejections by reason, answers, cost."""
+    kept, questions = len(tally.rows), tally.questions
+    return {
+        "source": source, "tasks": [s.name for s in specs], "seed": seed, "out": str(out_path),
+        "requested": cfg.num_traces, "balanced": cfg.balanced, "questions": questions, "rounds": tally.rounds,
+        "kept": kept, "rejected": questions - kept, "rejection_rate": (questions - kept) / max(questions, 1),
+        "rejected_by_reason": {r: tally.reasons.get(r, 0) for r in REJECT_REASONS},
+        "by_task": {t: {"target": target[t], "questions": c["questions"], "kept": c["kept"],
+                        "rejected": c["rejected"], "rejection_rate": c["rejected"] / max(c["questions"], 1)}
+                    for t, c in sorted(tally.by_task.items())},
+        "answer_distribution": dict(Counter(str(r["answer"]) for r in tally.rows).most_common(10)),
+        "samples_per_question": 1 if source == "scripted" else cfg.samples_per_question,
+        "samples": tally.samples, "samples_verified": tally.samples_ok,
+        "sample_pass_rate": tally.samples_ok / max(tally.samples, 1),
+        "seconds": seconds, "generate_s": tally.generate_s, "traces_per_s": kept / max(seconds, 1e-9),
+        **tally.extra,
+    }
+
+
+def make_traces(cfg: DataConfig, specs: Sequence[TaskSpec], seed: int, out_path: Path, *,
+                exclude_questions: Iterable[str] = (), reward: RewardConfig | None = None, model=None,
+                tokenizer=None, policy_model: str | None = None, solver: Callable | None = None,
+                teacher_kwargs: dict[str, Any] | None = None, stats_path: Path | None = None) -> dict[str, Any]:
+    """Write up to cfg.num_traces verified warm-up traces on train questions (disjoint from `exclude_questions`,
+    e.g. the eval set) to out_path (JSONL) and their stats to stats_path (default <out>.stats.json) -> the stats.
+
+    cfg.source: "scripted" (solvers.solve; `solver` replaces it, a seam for tests and custom tasks), "teacher"
+    (the local `model`, else cfg.teacher_model or `policy_model` loaded now, shown the answer,
+    cfg.samples_per_question samples, the first verified one kept), "api"
+    (the same prompt through APITeacher). Round 0 takes num_traces questions split over the mixture by weight
+    (cfg.balanced: equal answer classes per task where the task has a small answer set, so syllogism's natural
+    2:1 Yes:No skew does not teach a Yes prior); up to cfg.top_up_rounds further rounds draw fresh questions for
+    each task's shortfall. The task scorer runs in the sandbox with `reward.scorer_timeout`. Nothing unverified
+    is written."""
+    from .sandbox import Scorer
     from .tasks import split_counts
 
-    if source not in SOURCES:
-        raise SmolthinkError(f"unknown trace source '{source}' (scripted | teacher | api)")
-    if n < 1:
-        raise SmolthinkError("number of traces must be >= 1")
-    out_path = Path(out_path)
+    source, reward = cfg.source, reward or RewardConfig()
     if source == "api":
-        _api_settings(teacher_kwargs)  # fail before generating any question
+        _api_settings(cfg, teacher_kwargs)  # fail before generating any question
+    if source == "teacher" and model is None:
+        from .models import load_model
+
+        model, tokenizer = load_model(cfg.teacher_model or policy_model)
     t0 = time.time()
     specs = list(specs)
     target = Counter()
-    for spec, k in zip(specs, split_counts(specs, n)):
+    for spec, k in zip(specs, split_counts(specs, cfg.num_traces)):
         target[spec.name] += k
     banned = set(exclude_questions)
-    kwargs: dict[str, Any] = {"model": model, "tokenizer": tokenizer, "samples_per_question": samples_per_question,
-                              "temperature": temperature, "max_new_tokens": max_new_tokens, "solver": solver,
-                              "teacher_kwargs": teacher_kwargs}
-    rows, reasons, extra = [], Counter(), {}
-    by_task: dict[str, Counter] = {name: Counter() for name in target}
-    samples_total = samples_ok = questions = rounds = 0
-    gen_s = 0.0
-    examples = make_examples(specs, n, seed, "train", balanced=balanced, exclude=banned)
-    with Scorer(timeout=scorer_timeout) as scorer:
+    tally = _Tally(by_task={name: Counter() for name in target})
+    gen_kwargs = {"model": model, "tokenizer": tokenizer, "solver": solver, "teacher_kwargs": teacher_kwargs}
+    examples = make_examples(specs, cfg.num_traces, seed, "train", balanced=cfg.balanced, exclude=banned)
+    with Scorer(timeout=reward.scorer_timeout) as scorer:
         while examples:
-            rounds += 1
-            round_seed = seed + 1000 * (rounds - 1)
-            t_gen = time.time()
-            candidates, more = GENERATORS[source](examples, round_seed, **kwargs)
-            gen_s += time.time() - t_gen
-            extra = _merge_counters(extra, more)
-            # every candidate of every question of the round in one scoring pass
-            flat_ex = [ex for ex, cands in zip(examples, candidates) for _ in cands]
-            flat = [c for cands in candidates for c in cands]
-            verdicts = verify(flat, flat_ex, scorer, specs, check_hint_leak=source != "scripted")
-            pos = 0
-            for ex, cands in zip(examples, candidates):
-                mine = verdicts[pos : pos + len(cands)]
-                pos += len(cands)
-                samples_total += len(cands)
-                samples_ok += sum(v is None for v in mine)
-                questions += 1
-                banned.add(ex.question)
-                counts = by_task[ex.task]
-                counts["questions"] += 1
-                keep = next((c for c, v in zip(cands, mine) if v is None), None)
-                if keep is not None:
-                    rows.append(trace_row(ex, keep, source))
-                    counts["kept"] += 1
-                else:
-                    # a question's reason: the most informative one among its samples (wrong > leak > format > none)
-                    reason = next(r for r in ("wrong", "leaks_hint", "format", "no_trace") if r in mine)
-                    reasons[reason] += 1
-                    counts["rejected"] += 1
-            # ---- top up each task's shortfall with fresh questions ----
-            examples = []
-            if rounds > top_up_rounds:
+            _run_round(source, cfg, examples, seed + 1000 * tally.rounds, scorer, specs, tally, banned, gen_kwargs)
+            if tally.rounds > cfg.top_up_rounds:
                 break
-            for spec in specs:
-                short = target[spec.name] - by_task[spec.name]["kept"]
-                if short <= 0 or any(e.task == spec.name for e in examples):
-                    continue
-                try:
-                    examples += make_examples([spec], short, seed + 1000 * rounds, "train", balanced=balanced,
-                                              exclude=banned)
-                except SmolthinkError as e:  # the task ran out of distinct questions
-                    log.warning("no top-up for %s: %s", spec.name, e)
-    write_jsonl(out_path, rows)
-    seconds = time.time() - t0
-    kept = len(rows)
-    stats = {
-        "source": source, "tasks": [s.name for s in specs], "seed": seed, "out": str(out_path),
-        "requested": n, "balanced": balanced, "questions": questions, "rounds": rounds, "kept": kept,
-        "rejected": questions - kept,
-        "rejection_rate": (questions - kept) / max(questions, 1),
-        "rejected_by_reason": {r: reasons.get(r, 0) for r in REJECT_REASONS},
-        "by_task": {t: {"target": target[t], "questions": c["questions"], "kept": c["kept"],
-                        "rejected": c["rejected"], "rejection_rate": c["rejected"] / max(c["questions"], 1)}
-                    for t, c in sorted(by_task.items())},
-        "answer_distribution": dict(Counter(str(r["answer"]) for r in rows).most_common(10)),
-        "samples_per_question": 1 if source == "scripted" else samples_per_question,
-        "samples": samples_total, "samples_verified": samples_ok,
-        "sample_pass_rate": samples_ok / max(samples_total, 1),
-        "seconds": seconds, "generate_s": gen_s, "traces_per_s": kept / max(seconds, 1e-9),
-        **extra,
-    }
+            examples = _top_up_questions(cfg, specs, target, tally, seed + 1000 * tally.rounds, banned)
+    write_jsonl(out_path, tally.rows)
+    stats = _trace_stats(source, cfg, specs, seed, Path(out_path), target, tally, time.time() - t0)
     write_json(Path(stats_path) if stats_path else stats_path_for(out_path), stats)
     log.info("%s traces: kept %d of %d (%d questions in %d round(s), rejection rate %.1f%%: %s) in %.1fs -> %s",
-             source, kept, n, questions, rounds, 100 * stats["rejection_rate"],
-             ", ".join(f"{k} {v}" for k, v in stats["rejected_by_reason"].items() if v) or "none", seconds, out_path)
+             source, stats["kept"], cfg.num_traces, stats["questions"], tally.rounds, 100 * stats["rejection_rate"],
+             ", ".join(f"{k} {v}" for k, v in stats["rejected_by_reason"].items() if v) or "none",
+             stats["seconds"], out_path)
     return stats
 
 

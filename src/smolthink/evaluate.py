@@ -2,15 +2,22 @@
 majority-class baseline, format rate, lengths, truncation, pass@k / mean@k."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .chat import answer_label, extract_answer
-from .rewards import RewardConfig, score_completions
-from .tasks import TaskSpec, majority_class
+from .config import EvalConfig, RewardConfig
+from .rewards import score_completions
+from .rundir import write_json, write_jsonl
+from .tasks import TaskSpec, majority_class, make_examples
 from .types import Example, RewardParts, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -134,3 +141,84 @@ def evaluate(
     summary["samples"] = [{k: r[k] for k in ("question", "completion", "answer", "gold", "correct", "format")}
                           for r in records[:8]]
     return summary, records
+
+
+# ----------------------------------------------------------------------------------------------- eval to files
+
+
+def eval_examples(specs: Sequence[TaskSpec], cfg: EvalConfig, seed: int) -> list[Example]:
+    """The held-out eval set: the same questions for a seed wherever it is built (eval, data, both stages)."""
+    return make_examples(specs, cfg.n, seed, "eval", balanced=cfg.balanced) if cfg.n else []
+
+
+def eval_sampling(cfg: EvalConfig) -> SamplingParams:
+    """Greedy at temperature 0, else sampled at the configured temperature / top_p."""
+    if cfg.temperature <= 0:
+        return SamplingParams(cfg.max_new_tokens, 0.0, 1.0)
+    return SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+
+
+@dataclass
+class Evaluator:
+    """A held-out eval ready to run on any state of a model: the questions and their rendered prompts, the
+    engine, the sandboxed scorer and the settings. One per process; `run` writes the summary and every
+    completion to the given files."""
+
+    tok: Any
+    engine: Any
+    scorer: Any
+    specs: Sequence[TaskSpec]
+    examples: list[Example]
+    prompts: list[list[int]]
+    cfg: EvalConfig
+    reward: RewardConfig
+    prefill: str = ""
+    seed: int = 0
+
+    def run(self, model, summary_path: Path | None, completions_path: Path | None, meta: dict[str, Any],
+            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Evaluate `model` (in eval mode) -> the summary (with `meta` merged in: step, model, task, stage), written
+        to summary_path and every completion to completions_path when given; logs one line."""
+        was_training = model.training
+        model.eval()
+        try:
+            summary, records = evaluate(model, self.tok, self.engine, self.examples, self.prompts, self.scorer,
+                                        self.specs, eval_sampling(self.cfg), samples_per_question=self.cfg.samples,
+                                        batch_size=self.cfg.batch_size, seed=self.seed, reward_cfg=self.reward,
+                                        prefill=self.prefill, progress=progress)
+        finally:
+            model.train(was_training)
+        summary.update(meta)
+        if summary_path is not None:
+            write_json(summary_path, summary)
+        if completions_path is not None:
+            write_jsonl(completions_path, records)
+        lo, hi = summary["accuracy_ci95"]
+        log.info("eval%s: accuracy %.3f [%.3f, %.3f], balanced %s, format %.3f, majority baseline %s",
+                 f" @ step {meta['step']}" if "step" in meta else "", summary["accuracy"], lo, hi,
+                 _f3(summary["balanced_accuracy"]), summary["format_rate"], _f3(summary["majority_baseline"]))
+        return summary
+
+
+def make_evaluator(model, tok, specs: Sequence[TaskSpec], cfg: EvalConfig, reward: RewardConfig, seed: int,
+                   scorer, engine: str = "auto") -> Evaluator:
+    """An Evaluator on the held-out set of `specs` for this seed (the engine is built for `model`)."""
+    from .chat import template_prefill
+    from .models import eos_ids
+    from .rollout import make_engine
+    from .runtime import render_prompts
+
+    examples = eval_examples(specs, cfg, seed)
+    return Evaluator(tok=tok, engine=make_engine(engine, model, eos_ids(tok, model), tok.pad_token_id),
+                     scorer=scorer, specs=specs, examples=examples, prompts=render_prompts(tok, examples), cfg=cfg,
+                     reward=reward, prefill=template_prefill(tok), seed=seed)
+
+
+def eval_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The eval/* entries of a metrics.jsonl row."""
+    return {"eval/accuracy": summary["accuracy"], "eval/format_rate": summary["format_rate"],
+            "eval/balanced_accuracy": summary["balanced_accuracy"]}
+
+
+def _f3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

@@ -87,24 +87,6 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def write_jsonl(path: Path, rows) -> None:
-    """Write rows as JSONL atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Any]:
     """A rich progress bar with ETA; yields advance(n)."""

@@ -6,14 +6,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import SmolthinkError
+from .rundir import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +49,6 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _atomic_save_dir(target: Path, write) -> None:
-    """Call write(tmp_dir), then rename tmp_dir to target, so target is complete or absent."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantise a GGUF checkpoint through transformers and write a plain safetensors model + tokenizer.
 
@@ -86,11 +70,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     model.tie_weights()
     model.generation_config = loaded.generation_config
 
-    def write(tmp: Path) -> None:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-
-    _atomic_save_dir(out_dir, write)
 
 
 def cached_gguf_dir(gguf: Path) -> Path:
@@ -187,21 +169,15 @@ def is_peft(model) -> bool:
 def save_final(model, tokenizer, out_dir: Path) -> None:
     """Write out_dir/adapter (peft, when LoRA) and out_dir/merged (plain transformers), each atomically."""
     out_dir = Path(out_dir)
+    merged = model
     if is_peft(model):
-        def write_adapter(tmp: Path) -> None:
+        with atomic_dir(out_dir / "adapter") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-
-        _replace_dir(out_dir / "adapter", write_adapter)
         merged = merged_copy(model)
-    else:
-        merged = model
-
-    def write_merged(tmp: Path) -> None:
+    with atomic_dir(out_dir / "merged") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-
-    _replace_dir(out_dir / "merged", write_merged)
 
 
 def merged_copy(peft_model):
@@ -209,26 +185,3 @@ def merged_copy(peft_model):
     import copy
 
     return copy.deepcopy(peft_model).merge_and_unload()
-
-
-def _replace_dir(target: Path, write) -> None:
-    """Atomically write a directory, replacing an older one."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        _atomic_save_dir(target, write)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        _atomic_save_dir(target, write)
-
-
-def tiny_model(vocab_size: int = 64, seed: int = 0):
-    """A tiny random-initialised Llama (2 layers, hidden 32) for fast tests: no download."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    return LlamaForCausalLM(cfg)

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .chat import extract_answer, format_ok
+from .config import RewardConfig
 from .errors import SmolthinkError
 from .tasks import TaskSpec, spec_for, strict_match
 from .types import Example, RewardParts
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RewardConfig:
-    """Weights of the reward parts."""
-
-    correct_weight: float = 0.85  # weight of strict correctness
-    format_weight: float = 0.15  # weight of the strict think/answer format
-    strict: bool = True  # strict correctness; False uses the task scorer's own (partial) credit
-    length_penalty: float = 0.0  # >0: subtract up to this much for completions longer than length_target
-    length_target: int = 200  # tokens after which the length penalty starts (reaches max at max length)
-    functions: list[str] = field(default_factory=list)  # extra rewards "module:function[=weight]"
 
 
 def length_penalty(n_tokens: int, target: int, max_tokens: int, coef: float) -> float:

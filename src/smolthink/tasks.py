@@ -3,6 +3,7 @@ and strict correctness scoring on top of the task's own (sandboxed) scorer."""
 from __future__ import annotations
 
 import difflib
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,31 +39,45 @@ def parse_tasks(value: str | Sequence[Any]) -> list[TaskSpec]:
     items: list[Any]
     if isinstance(value, str):
         items = [v.strip() for v in value.split(",") if v.strip()]
-    else:
+    elif isinstance(value, (list, tuple)):
         items = list(value)
+    else:
+        raise SmolthinkError(f"task must be a name, a 'a:2,b:1' mixture or a list, got {value!r}")
     specs = []
     for item in items:
         if isinstance(item, TaskSpec):
             spec = item
         elif isinstance(item, dict):
             unknown = set(item) - {"name", "weight", "config"}
-            if unknown or "name" not in item:
-                raise SmolthinkError(f"task entries take name, weight, config; got {sorted(item)}")
-            spec = TaskSpec(item["name"], float(item.get("weight", 1.0)), dict(item.get("config") or {}))
+            if unknown or not isinstance(item.get("name"), str) or not isinstance(item.get("config") or {}, dict):
+                raise SmolthinkError(f"task entries take name (str), weight, config (mapping); got {item!r}")
+            spec = TaskSpec(item["name"], _weight(item["name"], item.get("weight", 1.0)), dict(item.get("config") or {}))
+        elif isinstance(item, str):
+            name, sep, w = item.partition(":")
+            spec = TaskSpec(name.strip(), _weight(name.strip(), w if sep else 1.0))
         else:
-            name, _, w = str(item).partition(":")
-            spec = TaskSpec(name.strip(), float(w) if w else 1.0)
+            raise SmolthinkError(f"task entries are names or mappings, got {item!r}")
         known = available_tasks()
         if spec.name not in known:
             close = difflib.get_close_matches(spec.name, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else " (see `smolthink tasks`)"
             raise SmolthinkError(f"unknown task '{spec.name}'{hint}")
-        if spec.weight <= 0:
-            raise SmolthinkError(f"task weight must be > 0: {spec.name}:{spec.weight}")
         specs.append(spec)
     if not specs:
         raise SmolthinkError("no task given")
     return specs
+
+
+def _weight(name: str, value: Any) -> float:
+    """A mixture weight: a finite number > 0, or a one-line error naming the task."""
+    try:
+        w = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        w = math.nan
+    if not (math.isfinite(w) and w > 0):
+        raise SmolthinkError(f"bad mixture weight for task '{name}': {value!r} (expected a finite number > 0, "
+                             f"e.g. {name}:1)")
+    return w
 
 
 def _syllogism_gold_ok(entry: dict) -> bool:

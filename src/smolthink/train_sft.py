@@ -12,28 +12,25 @@ import dataclasses
 import hashlib
 import logging
 import math
-import random
-import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .buffer import Experience, ExperienceBuffer
-from .chat import render_prompt, template_prefill
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import SFTConfig, save_config
+from .chat import render_prompt
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import SFTConfig
 from .errors import SmolthinkError
-from .log import MetricsWriter, console, eval_table, fmt_duration, write_json
+from .harness import TrainContext, TrainingRun, build_context, clip_and_step, start_process, training_run
+from .log import fmt_duration
 from .logprobs import token_logprobs
-from .models import eos_ids, save_final
-from .onednn import OneDNNLinears
-from .runtime import (load_policy, make_optimizer, make_scheduler, peak_rss_gb, render_prompts, set_threads,
-                      trim_heap)
-from .stage import eval_metrics, eval_to_dir
-from .tasks import make_examples, parse_tasks
+from .packing import PaddedChunks
+from .rundir import RunDir, write_json
+from .models import file_sha256
+from .runtime import load_policy
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +96,6 @@ def steps_per_epoch(n: int, cfg: SFTConfig) -> int:
     return math.ceil(math.ceil(n / cfg.minibatch_size) / cfg.gradient_accumulation_steps)
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a (small) file."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # one optimizer step
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,28 +108,21 @@ def sft_loss(model, batch, n_tokens_total: int) -> tuple[torch.Tensor, int]:
     return -(logp * mask).sum() / max(n_tokens_total, 1), int(batch.completion_mask.sum())
 
 
-def optimizer_step(ctx: dict, minibatches: list[list[int]]) -> dict[str, float]:
-    """Forward/backward every micro-batch of the step, clip, step, schedule -> metrics."""
-    cfg, model, buffer = ctx["cfg"], ctx["model"], ctx["buffer"]
+def optimizer_step(ctx: "SFTContext", minibatches: list[list[int]]) -> dict[str, float]:
+    """Forward/backward every chunk of the step's micro-batches, clip, step, schedule -> metrics."""
     t0 = time.time()
+    buffer = ctx.buffer
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
     loss_sum, tokens_seen = 0.0, 0
-    with ctx["onednn"].active():  # forward and backward (checkpointed head chunks recompute in backward)
-        for mb in [c for mb in minibatches for c in buffer.split_by_tokens(mb, cfg.max_tokens_per_forward)]:
-            batch = buffer.collate(mb, ctx["tok"].pad_token_id).to(next(model.parameters()).device)
-            loss, _ = sft_loss(model, batch, n_tok)
-            loss.backward()
+    lr = ctx.scheduler.get_last_lr()[0]
+    with ctx.onednn.active():  # forward and backward (checkpointed head chunks recompute in backward)
+        for idx in ctx.packing.chunks(buffer, minibatches):
+            batch = ctx.packing.collate(buffer, idx, ctx.device)
+            loss, _ = sft_loss(ctx.model, batch, n_tok)
+            ctx.accelerator.backward(loss)
             loss_sum += loss.item()
-            tokens_seen += int(batch.attention_mask.sum())
-    params = ctx["params"]
-    if cfg.max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-    else:
-        grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-    lr = ctx["scheduler"].get_last_lr()[0]
-    ctx["optimizer"].step()
-    ctx["optimizer"].zero_grad(set_to_none=True)
-    ctx["scheduler"].step()
+            tokens_seen += ctx.packing.computed_tokens(batch)
+    grad_norm = clip_and_step(ctx)
     seconds = time.time() - t0
     return {"loss/sft": loss_sum, "lr": lr, "grad_norm": grad_norm, "perf/train_s": seconds,
             "perf/train_tok_s": tokens_seen / max(seconds, 1e-9), "train/sequences": float(sum(map(len, minibatches))),
@@ -155,188 +140,130 @@ def sft_line(step: int, total: int, m: dict[str, float], step_s: float, eta_s: f
 # set-up
 # ---------------------------------------------------------------------------------------------------------------
 
-def resolve_traces(cfg: SFTConfig, out_dir: Path, traces_path: Path | None, resume: bool,
-                   eval_questions: Sequence[str]) -> Path:
-    """The traces to train on: traces_path, else cfg.data, else <out>/traces.jsonl (scripted traces generated
-    now, cfg.num_traces of them on train questions disjoint from the eval set; reused on resume)."""
-    if traces_path is not None:
-        return Path(traces_path)
-    if cfg.data:
-        return Path(cfg.data)
-    path = out_dir / "traces.jsonl"
+@dataclass
+class SFTContext(TrainContext):
+    """The shared context plus the SFT data: tokenised traces, their stats, the step plan of the current epoch."""
+
+    buffer: ExperienceBuffer = field(default_factory=ExperienceBuffer)
+    packing: PaddedChunks | None = None
+    data_stats: dict[str, Any] = field(default_factory=dict)
+    steps_per_epoch: int = 0
+    total: int = 0
+    plans: dict[int, list] = field(default_factory=dict)
+
+
+def resolve_traces(cfg: SFTConfig, run: RunDir, resume: bool, eval_questions: Sequence[str]) -> Path:
+    """The traces to train on: cfg.data.path, else <run>/traces.jsonl (generated now from cfg.data on train
+    questions disjoint from the eval set; reused on resume)."""
+    if cfg.data.path:
+        return Path(cfg.data.path)
+    path = run.traces
     if resume and path.is_file():
         return path
     from .data import make_traces
+    from .tasks import parse_tasks
 
-    log.info("no traces given: writing %d scripted traces to %s", cfg.num_traces, path)
-    make_traces("scripted", parse_tasks(cfg.task), cfg.num_traces, cfg.seed, path,
-                exclude_questions=eval_questions)
+    log.info("no traces given: writing %d %s traces to %s", cfg.data.num_traces, cfg.data.source, path)
+    make_traces(cfg.data, parse_tasks(cfg.task), cfg.seed, path, exclude_questions=eval_questions, reward=cfg.reward,
+                policy_model=cfg.model)
     return path
 
 
-def setup(cfg: SFTConfig, out_dir: Path, traces_path: Path | None, resume: bool) -> dict[str, Any]:
-    """Held-out eval set, traces, policy, optimizer, scheduler, eval engine."""
+def setup(cfg: SFTConfig, run: RunDir, resume: bool) -> SFTContext:
+    """Held-out eval set, traces, policy, optimizer, scheduler, evaluator."""
     from .data import load_traces
-    from .rollout import make_engine
+    from .evaluate import eval_examples
+    from .tasks import parse_tasks
 
-    set_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    specs = parse_tasks(cfg.task)
-    eval_set = make_examples(specs, cfg.eval_n, cfg.seed, "eval", balanced=cfg.eval_balanced) if cfg.eval_n else []
-    eval_q = [e.question for e in eval_set]
-    traces = resolve_traces(cfg, out_dir, traces_path, resume, eval_q)
+    start_process(cfg)
+    eval_q = [e.question for e in eval_examples(parse_tasks(cfg.task), cfg.eval, cfg.seed)]
+    traces = resolve_traces(cfg, run, resume, eval_q)
     model, tok = load_policy(cfg)
     exps, data_stats = build_experiences(tok, load_traces(traces), cfg.max_length, eval_q)
     if not exps:
         raise SmolthinkError(f"no usable traces in {traces} ({data_stats['dropped_too_long']} longer than "
                              f"max_length={cfg.max_length}, {data_stats['dropped_eval_overlap']} eval questions)")
-    if data_stats["dropped_eval_overlap"]:
-        log.warning("dropped %d traces whose question is in the held-out eval set", data_stats["dropped_eval_overlap"])
-    if data_stats["dropped_too_long"]:
-        log.warning("dropped %d traces longer than max_length=%d", data_stats["dropped_too_long"], cfg.max_length)
+    for key, what in (("dropped_eval_overlap", "whose question is in the held-out eval set"),
+                      ("dropped_too_long", f"longer than max_length={cfg.max_length}")):
+        if data_stats[key]:
+            log.warning("dropped %d traces %s", data_stats[key], what)
     buffer = ExperienceBuffer()
     buffer.extend(exps)
     per_epoch = steps_per_epoch(len(exps), cfg)
     total = cfg.max_steps or cfg.num_epochs * per_epoch
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, cfg.warmup_steps, total)
     data_stats.update(path=str(traces), sha256=file_sha256(traces), steps_per_epoch=per_epoch, total_steps=total,
                       sequences_per_step=cfg.minibatch_size * cfg.gradient_accumulation_steps)
-    return {"cfg": cfg, "specs": specs, "eval": eval_set, "model": model, "tok": tok, "buffer": buffer,
-            "traces": traces, "data_stats": data_stats, "steps_per_epoch": per_epoch, "total": total,
-            "optimizer": optimizer, "scheduler": scheduler, "params": [p for p in model.parameters() if p.requires_grad],
-            "onednn": OneDNNLinears(model, cfg.onednn_linears),
-            "eval_prompts": render_prompts(tok, eval_set), "prefill": template_prefill(tok),
-            "engine": make_engine("auto", model, eos_ids(tok, model), tok.pad_token_id), "plans": {}}
+    return build_context(SFTContext, cfg, run, total, model=model, tok=tok, buffer=buffer,
+                         packing=PaddedChunks(cfg.max_tokens_per_forward, tok.pad_token_id), data_stats=data_stats,
+                         steps_per_epoch=per_epoch, total=total)
 
 
-def run_eval(ctx: dict, out_dir: Path, step: int) -> dict[str, Any]:
-    """Greedy held-out eval -> eval/step_XXXXXX.json (+ completions), in eval mode (no LoRA dropout)."""
-    cfg, model = ctx["cfg"], ctx["model"]
-    model.eval()
-    try:
-        return eval_to_dir(model, ctx["tok"], ctx["engine"], ctx["eval"], ctx["eval_prompts"], ctx["scorer"],
-                           ctx["specs"], out_dir, step, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length,
-                           model_name=cfg.model or "embedded", task=str(cfg.task), prefill=ctx["prefill"],
-                           seed=cfg.seed)
-    finally:
-        model.train()
-        trim_heap()
-
-
-def save(ctx: dict, out_dir: Path, state: SFTState) -> Path:
+def save(ctx: SFTContext, state: SFTState) -> Path:
     """Checkpoint after the last finished optimizer step."""
     counters = {"epoch": state.epoch, "pos": state.pos, "data_sha256": state.data_sha256}
-    return save_checkpoint(out_dir / "checkpoints", state.step, ctx["model"], ctx["optimizer"], ctx["scheduler"],
-                           counters, keep=ctx["cfg"].keep_checkpoints)
+    return save_checkpoint(ctx.run.checkpoints, state.step, ctx.model, ctx.optimizer, ctx.scheduler, counters,
+                           keep=ctx.cfg.keep_checkpoints)
 
 
-def next_step(ctx: dict, state: SFTState) -> list[list[int]]:
+def restore(ctx: SFTContext, tr: TrainingRun) -> SFTState:
+    """The loop state to start from: a fresh one, or the checkpoint's (weights, optimizer, RNG restored)."""
+    sha = ctx.data_stats["sha256"]
+    if tr.resume_from is None:
+        return SFTState(data_sha256=sha)
+    counters, _ = load_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
+    if counters.get("data_sha256") and counters["data_sha256"] != sha:
+        raise SmolthinkError(f"{ctx.data_stats['path']} changed since the checkpoint: resume needs the same traces")
+    log.info("resumed from %s (step %d, epoch %d)", tr.resume_from, counters["step"], counters["epoch"])
+    return SFTState(step=counters["step"], epoch=counters["epoch"], pos=counters["pos"], data_sha256=sha)
+
+
+def next_step(ctx: SFTContext, state: SFTState) -> list[list[int]]:
     """The minibatches of the next optimizer step (advancing to the next epoch when one is finished)."""
-    if state.pos >= ctx["steps_per_epoch"]:
+    if state.pos >= ctx.steps_per_epoch:
         state.epoch, state.pos = state.epoch + 1, 0
-    plans = ctx["plans"]
-    if state.epoch not in plans:
-        plans.clear()
-        plans[state.epoch] = epoch_plan(ctx["buffer"], ctx["cfg"], state.epoch)
-    return plans[state.epoch][state.pos]
+    if state.epoch not in ctx.plans:
+        ctx.plans.clear()
+        ctx.plans[state.epoch] = epoch_plan(ctx.buffer, ctx.cfg, state.epoch)
+    return ctx.plans[state.epoch][state.pos]
+
+
+def describe(ctx: SFTContext) -> None:
+    """The derived numbers, once at start-up."""
+    ds, cfg = ctx.data_stats, ctx.cfg
+    log.info("SFT: %d traces (%d dropped: %d too long, %d eval overlap), %d assistant tokens; %d sequences per "
+             "optimizer step (%d x %d accumulation); %d steps per epoch; %d steps", ds["used"],
+             ds["traces"] - ds["used"], ds["dropped_too_long"], ds["dropped_eval_overlap"], ds["assistant_tokens"],
+             ds["sequences_per_step"], cfg.minibatch_size, cfg.gradient_accumulation_steps, ctx.steps_per_epoch,
+             ctx.total)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------------
 
-def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False, traces_path: Path | None = None,
+def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False,
               on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
-    """Run warm-up SFT into out_dir; returns the final eval summary ({} when eval_n == 0), or None when stopped
+    """Run warm-up SFT into out_dir; returns the final eval summary ({} when eval.n == 0), or None when stopped
     by a signal (a checkpoint is saved; continue with resume=True). `on_step(step, metrics)` runs after each
     optimizer step (progress hooks, tests)."""
-    from .sandbox import Scorer
-    from .train_grpo import graceful_stop
-
-    out_dir = Path(out_dir)
-    # ---- 1. set-up ----
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if resume and ckpt is None:
-        raise SmolthinkError(f"nothing to resume in {out_dir} (no complete checkpoint)")
-    if not resume and (out_dir / "metrics.jsonl").exists():
-        raise SmolthinkError(f"{out_dir} already holds a run: pass --resume {out_dir} or another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = setup(cfg, out_dir, traces_path, resume)
-    ds = ctx["data_stats"]
-    total = ctx["total"]
-    log.info("SFT: %d traces (%d dropped: %d too long, %d eval overlap), %d assistant tokens; %d sequences per "
-             "optimizer step (%d x %d accumulation); %d steps per epoch; %d steps", ds["used"],
-             ds["traces"] - ds["used"], ds["dropped_too_long"], ds["dropped_eval_overlap"], ds["assistant_tokens"],
-             ds["sequences_per_step"], cfg.minibatch_size, cfg.gradient_accumulation_steps, ctx["steps_per_epoch"],
-             total)
-    state = SFTState(data_sha256=ds["sha256"])
-    # ---- 2. resume ----
-    if ckpt is not None:
-        counters, _ = load_checkpoint(ckpt, ctx["model"], ctx["optimizer"], ctx["scheduler"])
-        if counters.get("data_sha256") and counters["data_sha256"] != ds["sha256"]:
-            raise SmolthinkError(f"{ctx['traces']} changed since the checkpoint: resume needs the same traces")
-        state = SFTState(step=counters["step"], epoch=counters["epoch"], pos=counters["pos"],
-                         data_sha256=ds["sha256"])
-        log.info("resumed from %s (step %d, epoch %d)", ckpt, state.step, state.epoch)
-    else:
-        save_config(dataclasses.replace(cfg, data=str(ctx["traces"])), out_dir / "config.yaml")
-    write_json(out_dir / "data_stats.json", ds)
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", truncate_after_step=state.step if ckpt else None)
-    stop = {"signal": None}
-    previous = {sig: signal.signal(sig, graceful_stop(stop, sig)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    ctx["scorer"] = scorer = Scorer()
-    final: dict[str, Any] | None = None
-    try:
-        if ckpt is None and cfg.eval_n > 0 and cfg.eval_at_start:
-            run_eval(ctx, out_dir, 0)
-        t_start, steps_timed = time.time(), 0
-        while state.step < total and stop["signal"] is None:
-            t_step = time.time()
-            # ---- 3a. one optimizer step ----
+    with training_run(out_dir, resume) as tr:
+        # ---- 1. set-up: eval set, traces, policy, optimizer ----
+        ctx = setup(cfg, tr.run, resume)
+        describe(ctx)
+        # ---- 2. start or resume ----
+        state = restore(ctx, tr)
+        write_json(tr.run.data_stats, ctx.data_stats)
+        tr.start(ctx, state.step, save=lambda: save(ctx, state),
+                 config=dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=ctx.data_stats["path"])))
+        while state.step < ctx.total and not tr.stopping:
+            # ---- 3. one optimizer step ----
             m = optimizer_step(ctx, next_step(ctx, state))
-            trim_heap()  # activations and merged weights are gone: hand their pages back
             state.pos += 1
             state.step += 1
-            # ---- 3b. log ----
-            m.update({"epoch": state.epoch + state.pos / ctx["steps_per_epoch"], "perf/peak_rss_gb": peak_rss_gb(),
-                      "perf/step_s": time.time() - t_step})
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total and cfg.eval_n:
-                m.update(eval_metrics(run_eval(ctx, out_dir, state.step)))
-            metrics.write(state.step, m)
-            steps_timed += 1
-            per_step = (time.time() - t_start) / steps_timed
-            if state.step % cfg.log_every == 0 or state.step == total or state.step == 1:
-                console.print(sft_line(state.step, total, m, m["perf/step_s"], per_step * (total - state.step)),
-                              soft_wrap=True, markup=False)
-            # ---- 3c. checkpoint ----
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
-                save(ctx, out_dir, state)
+            # ---- 4. log, eval, checkpoint ----
+            m["epoch"] = state.epoch + state.pos / ctx.steps_per_epoch
+            tr.end_step(state.step, ctx.total, m, sft_line)
             if on_step is not None:
                 on_step(state.step, m)
-        # ---- 4. the end: checkpoint, final eval, final model, DONE ----
-        save(ctx, out_dir, state)
-        if stop["signal"]:
-            log.warning("%s: checkpoint saved at step %d; continue with --resume %s", stop["signal"], state.step,
-                        out_dir)
-            return None
-        final = {}
-        if cfg.eval_n > 0:
-            final = run_eval(ctx, out_dir, state.step)
-            console.print(eval_table(final, f"eval after SFT (step {state.step})"))
-        save_final(ctx["model"], ctx["tok"], out_dir / "final")
-        log.info("final model: %s/final/merged (transformers) and %s/final/adapter (peft)", out_dir, out_dir)
-        (out_dir / "DONE").write_text(f"{state.step}\n")
-    except KeyboardInterrupt:
-        ctx["optimizer"].zero_grad(set_to_none=True)
-        path = save(ctx, out_dir, state)
-        log.warning("interrupted: checkpoint of step %d saved to %s; continue with --resume %s", state.step, path,
-                    out_dir)
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        metrics.close()
-        scorer.close()
-    return final
+        # ---- 5. the end: checkpoint, final eval, final model, DONE ----
+        return tr.finish(state.step, "eval after SFT")

@@ -3,7 +3,6 @@ runs `python -m smolthink.bench ... --child SIDE` (so peak RSS is that side's ow
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -104,19 +103,18 @@ def _child_smolthink(args) -> dict[str, Any]:
 
     steps = args.grpo_steps + 1
     group = args.prompts * args.group
-    cfg = GRPOConfig(model=args.model, task="syllogism", seed=args.seed, prompts_per_rollout=args.prompts,
-                     num_generations=args.group, max_completion_length=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, buffer_size=group, minibatch_size=args.minibatch,
-                     gradient_accumulation_steps=max(1, group // args.minibatch), num_iterations=1, beta=0.0,
-                     learning_rate=1e-6, loss_type="grpo", use_lora=True, lora_r=32, lora_alpha=64,
-                     gradient_checkpointing=False, threads=args.threads, max_steps=steps, eval_n=0,
-                     eval_at_start=False, save_every=0, sample_every=0, train_size=max(64, args.prompts * steps))
-    if args.max_tokens_per_forward is not None:
-        cfg.max_tokens_per_forward = args.max_tokens_per_forward
-    if args.sets:
-        from ..config import build_config, parse_overrides
+    from ..config import build_config, parse_overrides
 
-        cfg = build_config(GRPOConfig, [dataclasses.asdict(cfg), parse_overrides(args.sets)])
+    recipe = dict(model=args.model, task="syllogism", seed=args.seed, prompts_per_rollout=args.prompts,
+                  num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=args.temperature,
+                  top_p=args.top_p, buffer_size=group, minibatch_size=args.minibatch,
+                  gradient_accumulation_steps=max(1, group // args.minibatch), num_iterations=1, beta=0.0,
+                  learning_rate=1e-6, loss_type="grpo", use_lora=True, lora_r=32, lora_alpha=64,
+                  gradient_checkpointing=False, threads=args.threads, max_steps=steps, save_every=0, sample_every=0,
+                  train_size=max(64, args.prompts * steps), eval={"n": 0, "at_start": False})
+    if args.max_tokens_per_forward is not None:
+        recipe["max_tokens_per_forward"] = args.max_tokens_per_forward
+    cfg = build_config(GRPOConfig, [recipe, parse_overrides(args.sets or [])])
     out = Path(tempfile.mkdtemp(prefix="smolthink-bench-")) / "run"
     train(cfg, out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

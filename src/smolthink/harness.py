@@ -1,0 +1,226 @@
+"""The training harness both loops (SFT, GRPO) share, so each loop is only its own phases:
+
+* `TrainContext`: what every stage builds at set-up (policy, tokenizer, accelerate, optimizer, schedule, oneDNN
+  layers, scorer, held-out evaluator), typed;
+* `build_context`: that set-up;
+* `training_run(out_dir, resume)`: a context manager owning the run directory's life: resume checks, leftovers
+  of killed writes, Ctrl-C / SIGTERM (finish the step, checkpoint, stop), the metrics writer, per-step logging
+  with ETA, periodic, interrupt and final checkpoints, the final eval and model, and DONE;
+* `clip_and_step`: clip, optimizer step, zero grads (the one grad-norm line).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .checkpoint import latest_checkpoint
+from .config import StageConfig, config_yaml
+from .errors import SmolthinkError
+from .evaluate import Evaluator, eval_metrics, make_evaluator
+from .log import MetricsWriter, console, eval_table
+from .onednn import OneDNNLinears
+from .rundir import RunDir, atomic_write, remove_leftovers
+from .runtime import make_optimizer, make_scheduler, peak_rss_gb, set_threads, trim_heap
+from .tasks import TaskSpec, parse_tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainContext:
+    """Everything a training stage builds at set-up; the loops add their own fields in a subclass."""
+
+    cfg: StageConfig
+    run: RunDir
+    specs: list[TaskSpec]
+    model: torch.nn.Module  # prepared by accelerate (unwrap with accelerator.unwrap_model)
+    tok: Any
+    accelerator: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    onednn: OneDNNLinears
+    scorer: Any
+    evaluator: Evaluator
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The trainable parameters."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        """Where training tensors go."""
+        return self.accelerator.device
+
+
+def start_process(cfg: StageConfig) -> None:
+    """Threads, then torch's and Python's global RNGs seeded (LoRA's initialisation draws from torch's; data
+    order and sampling take their own seeded generators). First thing a stage's set-up does."""
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+
+def build_context(cls: type, cfg: StageConfig, run: RunDir, total_steps: int, model, tok, **extra: Any) -> Any:
+    """Finish a stage's set-up around its loaded policy (LoRA attached): accelerate, AdamW and its schedule over
+    `total_steps`, oneDNN layers, the sandboxed scorer and the held-out evaluator -> `cls(...)` (a TrainContext
+    subclass; `extra` fills its own fields)."""
+    from accelerate import Accelerator
+
+    from .sandbox import Scorer
+
+    specs = parse_tasks(cfg.task)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, cfg.warmup_steps, total_steps)
+    scorer = Scorer(timeout=cfg.reward.scorer_timeout)
+    evaluator = make_evaluator(model, tok, specs, cfg.eval, cfg.reward, cfg.seed, scorer,
+                               engine=getattr(cfg, "engine", "auto"))
+    return cls(cfg=cfg, run=run, specs=specs, model=model, tok=tok, accelerator=accelerator, optimizer=optimizer,
+               scheduler=scheduler, onednn=OneDNNLinears(model, cfg.onednn_linears), scorer=scorer,
+               evaluator=evaluator, **extra)
+
+
+def clip_and_step(ctx: TrainContext) -> float:
+    """Clip gradients (when max_grad_norm > 0), step the optimizer and the schedule, zero the gradients ->
+    the pre-clip gradient norm."""
+    params = ctx.params
+    if ctx.cfg.max_grad_norm > 0:
+        norm = float(ctx.accelerator.clip_grad_norm_(params, ctx.cfg.max_grad_norm))
+    else:
+        norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.scheduler.step()
+    return norm
+
+
+def run_eval(ctx: TrainContext, step: int) -> dict[str, Any]:
+    """The held-out eval after `step` optimizer steps -> eval/step_XXXXXX.json (+ completions)."""
+    try:
+        return ctx.evaluator.run(ctx.model, ctx.run.eval(step), ctx.run.eval_completions(step),
+                                 {"step": step, "model": ctx.cfg.model or "embedded", "task": str(ctx.cfg.task)})
+    finally:
+        trim_heap()
+
+
+@dataclass
+class TrainingRun:
+    """What `training_run` hands a loop. The loop calls `start` once its state exists, `end_step` after each
+    optimizer step, and returns `finish(...)`."""
+
+    run: RunDir
+    resume_from: Path | None  # the checkpoint to continue from (None: a fresh run)
+    stop_signal: str | None = None  # set by the first Ctrl-C / SIGTERM: finish this step, checkpoint, stop
+    metrics: MetricsWriter | None = None
+    ctx: TrainContext | None = None
+    save: Callable[[], Path] | None = None  # checkpoints the loop's state after its last finished step
+    t_start: float = field(default_factory=time.time)
+    steps_timed: int = 0
+    t_step: float = field(default_factory=time.time)
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop signal arrived."""
+        return self.stop_signal is not None
+
+    def start(self, ctx: TrainContext, step: int, save: Callable[[], Path], config: Any = None) -> None:
+        """Begin (or continue at `step`): write config.yaml on a fresh run, open metrics.jsonl (dropping lines past
+        a resumed checkpoint), evaluate before the first step when configured."""
+        self.ctx, self.save = ctx, save
+        if self.resume_from is None:
+            atomic_write(self.run.config, config_yaml(config if config is not None else ctx.cfg))
+        self.metrics = MetricsWriter(self.run.metrics, truncate_after_step=step if self.resume_from else None)
+        if self.resume_from is None and ctx.cfg.eval.n > 0 and ctx.cfg.eval.at_start:
+            run_eval(ctx, 0)
+        self.t_start = self.t_step = time.time()
+
+    def end_step(self, step: int, total: int, metrics: dict[str, Any], line: Callable[..., str]) -> None:
+        """After optimizer step `step` of `total`: add memory and step time, evaluate when due, write the metrics
+        row, print the console line with its ETA every log_every steps, checkpoint when due."""
+        cfg = self.ctx.cfg
+        trim_heap()  # activations and merged weights are gone: hand their pages back
+        metrics.update({"perf/peak_rss_gb": peak_rss_gb(), "perf/step_s": time.time() - self.t_step})
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < total and cfg.eval.n:
+            metrics.update(eval_metrics(run_eval(self.ctx, step)))
+        self.metrics.write(step, metrics)
+        self.steps_timed += 1
+        eta = (time.time() - self.t_start) / self.steps_timed * (total - step)
+        if step % cfg.log_every == 0 or step == total or step == 1:
+            console.print(line(step, total, metrics, metrics["perf/step_s"], eta), soft_wrap=True, markup=False)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            self.save()
+        self.t_step = time.time()
+
+    def finish(self, step: int, title: str) -> dict[str, Any] | None:
+        """The end: checkpoint; when stopped by a signal say how to continue and return None; else the final eval
+        ({} without one), the final model (peft adapter + merged) and DONE -> the final eval summary."""
+        self.save()
+        if self.stopping:
+            log.warning("%s: checkpoint saved at step %d; continue with --resume %s", self.stop_signal, step,
+                        self.run.root)
+            return None
+        ctx, final = self.ctx, {}
+        if ctx.cfg.eval.n > 0:
+            final = run_eval(ctx, step)
+            console.print(eval_table(final, f"{title} (step {step})"))
+        from .models import save_final
+
+        save_final(ctx.accelerator.unwrap_model(ctx.model), ctx.tok, self.run.final)
+        log.info("final model: %s/merged (transformers) and %s/adapter (peft)", self.run.final, self.run.final)
+        self.run.mark_done(time.time() - self.t_start, steps=step)
+        return final
+
+
+def _stop_handler(tr: TrainingRun):
+    """The first Ctrl-C / SIGTERM finishes the current step and checkpoints; a second Ctrl-C aborts at once (the
+    checkpoint then holds the last finished step)."""
+    def handler(signum, frame):
+        if tr.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        tr.stop_signal = signal.Signals(signum).name
+        log.warning("%s: stopping after this step (Ctrl-C again to stop now)", tr.stop_signal)
+    return handler
+
+
+@contextlib.contextmanager
+def training_run(out_dir: Path, resume: bool) -> Iterator[TrainingRun]:
+    """Own one training run's directory: check that `resume` finds a checkpoint and that a fresh run does not
+    overwrite another, remove leftovers of killed writes, install the stop handlers, and on the way out save a
+    checkpoint on an abort (second Ctrl-C), restore the handlers and close the metrics and the scorer."""
+    run = RunDir(Path(out_dir))
+    ckpt = latest_checkpoint(run.root) if resume else None
+    if resume and ckpt is None:
+        raise SmolthinkError(f"nothing to resume in {run.root} (no complete checkpoint)")
+    if not resume and run.metrics.exists():
+        raise SmolthinkError(f"{run.root} already holds a run: pass --resume {run.root} or another --out")
+    run.root.mkdir(parents=True, exist_ok=True)
+    for parent in (run.root, run.checkpoints):
+        remove_leftovers(parent)
+    tr = TrainingRun(run, ckpt)
+    previous = {sig: signal.signal(sig, _stop_handler(tr)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield tr
+    except KeyboardInterrupt:
+        if tr.save is not None:
+            tr.ctx.optimizer.zero_grad(set_to_none=True)
+            path = tr.save()
+            log.warning("interrupted: checkpoint saved to %s; continue with --resume %s", path, run.root)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if tr.metrics is not None:
+            tr.metrics.close()
+        if tr.ctx is not None:
+            tr.ctx.scorer.close()
+
