@@ -7,7 +7,7 @@ import pytest
 
 from smolthink.chat import SYSTEM_PROMPT
 from smolthink.config import DataConfig
-from smolthink.data import HINT, hint_answer, make_traces, stats_path_for, verify
+from smolthink.data import hint_answer, make_traces, stats_path_for, verify
 from smolthink.errors import SmolthinkError
 from smolthink.tasks import make_examples, parse_tasks
 

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch

@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .checkpoint import latest_checkpoint
-from .config import StageConfig, config_yaml
+from .config import StageConfig
+from .configlib import config_yaml
 from .errors import SmolthinkError
 from .evaluate import Evaluator, eval_metrics, make_evaluator
 from .log import MetricsWriter, console, eval_table

@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path

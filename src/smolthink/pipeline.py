@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import GRPOConfig, PipelineConfig, SFTConfig, config_yaml, stage_config
+from .config import GRPOConfig, PipelineConfig, SFTConfig, stage_config
+from .configlib import config_yaml
 from .log import console, eval_table, fmt_duration
 from .rundir import PIPELINE_STAGES, PipelineDir, atomic_write, write_json
 

@@ -9,7 +9,6 @@ plus the EOS token, exactly like a rollout that stopped by itself. Masks come fr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import time
