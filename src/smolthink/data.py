@@ -28,6 +28,7 @@ from .errors import SmolthinkError
 from .log import progress_bar
 from .rewards import score_completions
 from .rundir import write_json, write_jsonl
+from .seeds import derive_seed
 from .tasks import TaskSpec, make_examples
 from .types import Example
 
@@ -108,7 +109,7 @@ def scripted_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig,
         if missing:
             raise SmolthinkError(f"no scripted solver for {', '.join(missing)} (supported: "
                                  f"{', '.join(sorted(solvers.SUPPORTED_TASKS))}); use --source teacher or api")
-    return [[solve(ex.task, ex.entry, random.Random(f"{seed}-{ex.id}"))] for ex in examples], {}
+    return [[solve(ex.task, ex.entry, random.Random(derive_seed(seed, "scripted", ex.id)))] for ex in examples], {}
 
 
 def teacher_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, model=None, tokenizer=None,
@@ -129,7 +130,7 @@ def teacher_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, 
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
             prompts = [render_prompt(tokenizer, hinted_messages(ex)) for ex in batch]
-            rows = eng.generate(model, prompts, cfg.samples_per_question, sampling, seed=seed * 7919 + start)
+            rows = eng.generate(model, prompts, cfg.samples_per_question, sampling, seed=derive_seed(seed, "teacher", start))
             for prompt, row in zip(prompts, rows):
                 out.append([tokenizer.decode(r.completion_ids, skip_special_tokens=True).strip() for r in row])
                 counters["prompt_tokens"] += len(prompt) * len(row)
@@ -167,7 +168,7 @@ def api_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, teac
     for k, ex in enumerate(examples):
         messages = hinted_messages(ex)
         body = {"messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens,
-                "n": cfg.samples_per_question, "seed": seed * 1_000_003 + k}
+                "n": cfg.samples_per_question, "seed": derive_seed(seed, "api", k)}
         ident = json.dumps([teacher.base_url, teacher.model, body], ensure_ascii=False, sort_keys=True)
         requests.append({"key": hashlib.sha256(ident.encode()).hexdigest()[:40], **body})
     responses = teacher.complete_many(requests)
@@ -348,10 +349,10 @@ def make_traces(cfg: DataConfig, specs: Sequence[TaskSpec], seed: int, out_path:
     examples = make_examples(specs, cfg.num_traces, seed, "train", balanced=cfg.balanced, exclude=banned)
     with Scorer(timeout=reward.scorer_timeout) as scorer:
         while examples:
-            _run_round(source, cfg, examples, seed + 1000 * tally.rounds, scorer, specs, tally, banned, gen_kwargs)
+            _run_round(source, cfg, examples, derive_seed(seed, "round", tally.rounds), scorer, specs, tally, banned, gen_kwargs)
             if tally.rounds > cfg.top_up_rounds:
                 break
-            examples = _top_up_questions(cfg, specs, target, tally, seed + 1000 * tally.rounds, banned)
+            examples = _top_up_questions(cfg, specs, target, tally, derive_seed(seed, "top-up", tally.rounds), banned)
     write_jsonl(out_path, tally.rows)
     stats = _trace_stats(source, cfg, specs, seed, Path(out_path), target, tally, time.time() - t0)
     write_json(Path(stats_path) if stats_path else stats_path_for(out_path), stats)

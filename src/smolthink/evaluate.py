@@ -14,6 +14,7 @@ from .chat import answer_label, extract_answer
 from .config import EvalConfig, RewardConfig
 from .rewards import score_completions
 from .rundir import write_json, write_jsonl
+from .seeds import derive_seed
 from .tasks import TaskSpec, majority_class, make_examples
 from .types import Example, RewardParts, SamplingParams
 
@@ -120,7 +121,7 @@ def evaluate(
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         rollouts = engine.generate(model, prompts[start : start + batch_size], samples_per_question, sampling,
-                                   seed=seed + start)
+                                   seed=derive_seed(seed, "eval", start))
         for ex, row in zip(batch, rollouts):
             texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in row]
             parts = score_completions(texts, [ex] * len(row), [len(r.completion_ids) for r in row], scorer, specs,

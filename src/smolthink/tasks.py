@@ -11,10 +11,9 @@ from typing import Any, Iterable, Sequence
 
 from .chat import is_case_free, normalize_answer
 from .errors import SmolthinkError
+from .seeds import derive_seed
 from .types import Example
 
-# A train split is drawn from this seed offset; eval from the base seed. Questions are deduplicated anyway.
-TRAIN_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -140,12 +139,12 @@ def make_examples(
     exclude: Iterable[str] = (),
     check_gold: bool = True,
 ) -> list[Example]:
-    """n examples from the mixture, generated from `seed` (train uses seed + TRAIN_SEED_OFFSET), with every
-    question in `exclude` removed and duplicates dropped; `balanced` equalises answer classes per task;
+    """n examples from the mixture, each task's items generated from its own seed derived from (seed, split, task,
+    attempt), so the eval and train splits never share reasoning-gym seed ranges; every question in `exclude` is
+    removed and duplicates dropped; `balanced` equalises answer classes per task;
     `check_gold` drops items whose gold label is logically wrong (GOLD_CHECKS)."""
     banned = set(exclude)
-    rng = random.Random(f"{split}-{seed}")
-    base_seed = seed + (TRAIN_SEED_OFFSET if split == "train" else 0)
+    rng = random.Random(derive_seed(seed, "balance", split))
     out: list[Example] = []
     for k, (spec, count) in enumerate(zip(specs, split_counts(specs, n))):
         if count == 0:
@@ -153,7 +152,7 @@ def make_examples(
         pool_size, picked = int(count * (3 if balanced else 1.25)) + 16, None
         for attempt in range(6):
             check = GOLD_CHECKS.get(spec.name) if check_gold else None
-            pool = [e for e in _generate(spec, base_seed + 7919 * k + 104729 * attempt, pool_size)
+            pool = [e for e in _generate(spec, derive_seed(seed, split, spec.name, k, attempt), pool_size)
                     if e["question"] not in banned and (check is None or check(e))]
             pool = list({e["question"]: e for e in pool}.values())  # dedupe, keep order
             picked = _balanced(pool, count, rng) if balanced else None

@@ -25,6 +25,7 @@ from .packing import Packing, fill_old_logprobs, make_packing
 from .rewards import load_functions, score_completions
 from .rundir import write_jsonl
 from .runtime import load_policy, render_prompts, trim_heap
+from .seeds import derive_seed
 from .tasks import parse_tasks, train_eval_split
 from .types import Example, SamplingParams
 
@@ -79,7 +80,7 @@ def next_questions(train: list, state: LoopState, n: int, seed: int) -> list:
     for _ in range(n):
         epoch, i = divmod(state.data_pos, len(train))
         order = list(range(len(train)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        random.Random(derive_seed(seed, "questions", epoch)).shuffle(order)
         out.append(train[order[i]])
         state.data_pos += 1
     return out
@@ -98,7 +99,7 @@ def collect_experience(ctx: GRPOContext, state: LoopState) -> tuple[list[Experie
         examples = next_questions(ctx.train, state, cfg.prompts_per_rollout, cfg.seed)
         prompts = render_prompts(tok, examples)
         rollouts = ctx.engine.generate(model, prompts, cfg.num_generations, sampling,
-                                          seed=cfg.seed * 7919 + state.rollouts)  # [P][G]
+                                          seed=derive_seed(cfg.seed, "rollout", state.rollouts))  # [P][G]
         state.rollouts += 1
         batches += 1
         flat = [r for row in rollouts for r in row]
@@ -157,7 +158,7 @@ def plan_steps(buffer: ExperienceBuffer, cfg: GRPOConfig, fill: int) -> list[lis
     if cfg.mask_truncated_completions:
         keep = {i for i, e in enumerate(buffer.items) if not e.truncated}
     for it in range(cfg.num_iterations):
-        gen = torch.Generator().manual_seed(cfg.seed * 104729 + fill * 31 + it)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "plan", fill, it))
         mbs = [mb for mb in buffer.minibatches(cfg.minibatch_size, gen, group_by_length=cfg.group_by_length)]
         if keep is not None:
             mbs = [[i for i in mb if i in keep] for mb in mbs]

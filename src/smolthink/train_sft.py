@@ -30,6 +30,7 @@ from .packing import PaddedChunks
 from .rundir import RunDir, write_json
 from .models import file_sha256
 from .runtime import load_policy
+from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def build_experiences(tokenizer, rows: Sequence[dict[str, Any]], max_length: int
 def epoch_plan(buffer: ExperienceBuffer, cfg: SFTConfig, epoch: int) -> list[list[list[int]]]:
     """Optimizer steps of one pass: a seeded permutation (length-grouped minibatches to cut padding), cut into
     minibatches and grouped gradient_accumulation_steps at a time (the last step may be smaller)."""
-    gen = torch.Generator().manual_seed(cfg.seed * 104729 + 7 + epoch)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "sft-order", epoch))
     mbs = list(buffer.minibatches(cfg.minibatch_size, gen, group_by_length=True))
     ga = cfg.gradient_accumulation_steps
     return [mbs[s : s + ga] for s in range(0, len(mbs), ga)]
