@@ -72,7 +72,7 @@ def test_majority_class_open_ended_is_none():
 def test_mislabelled_syllogisms_are_dropped():
     """reasoning-gym labels "All S are M, Some M are P => Some S are P" valid (undistributed middle); such
     items never reach training or eval unless asked for."""
-    from smolthink.solvers import syllogism_verdict
+    from smolthink.solvers.syllogism import syllogism_verdict
 
     raw = make_examples(parse_tasks("syllogism"), 300, 0, "eval", check_gold=False)
     wrong = [e for e in raw if syllogism_verdict(e.entry) != e.entry["metadata"]["is_valid"]]

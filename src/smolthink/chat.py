@@ -99,3 +99,10 @@ def template_prefill(tokenizer: Any) -> str:
     # A template that opens <think> leaves it as the last non-empty piece of the generation prompt.
     stripped = text.rstrip()
     return "<think>\n" if stripped.endswith("<think>") else ""
+
+
+def format_trace(steps: list[str], answer: str) -> str:
+    """A warm-up trace in the protocol's format: the sentences (each capitalised) in the think block, then the
+    answer block."""
+    text = " ".join(st[:1].upper() + st[1:] for st in steps)
+    return f"<think> {text} </think> <answer> {answer} </answer>"

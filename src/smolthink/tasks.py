@@ -82,7 +82,7 @@ def _weight(name: str, value: Any) -> float:
 def _syllogism_gold_ok(entry: dict) -> bool:
     """reasoning-gym's syllogism checker skips the undistributed-middle rule, so ~12% of its labels are wrong
     (e.g. "All S are M, Some M are P" does not give "Some S are P"); keep items whose label is logically right."""
-    from .solvers import syllogism_verdict
+    from .solvers.syllogism import syllogism_verdict
 
     return syllogism_verdict(entry) == entry["metadata"]["is_valid"]
 
