@@ -7,7 +7,7 @@ Sections shared by every command live here once: `EvalConfig` (the held-out eval
 and the task scorer) and `DataConfig` (warm-up traces)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence, TypeVar
 
 from .configlib import build, opt, section, to_dict
@@ -71,13 +71,19 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
-class StageConfig:
-    """Fields every training stage shares: model, task, LoRA, optimizer, schedule, checkpoints, eval, reward."""
+class RunArgs:
+    """What every command runs on: the model, the task, the base seed, the threads."""
 
     model: str | None = opt(None, "hub id, local dir, .gguf file, or None for the embedded SmolLM2-135M-Instruct")
     task: Any = opt("syllogism", "reasoning-gym task name, 'a:2,b:1' mixture, or list of {name, weight, config}")
-    seed: int = opt(0, "base seed: data, sampling, minibatch order")
+    seed: int = opt(0, "base seed: every other seed derives from it (seeds.derive_seed)")
     threads: int = opt(0, "torch threads (0: all cores)", ge=0)
+
+
+@dataclass
+class StageConfig(RunArgs):
+    """Fields every training stage shares: model, task, LoRA, optimizer, schedule, checkpoints, eval, reward."""
+
     use_lora: bool = opt(True, "train a LoRA adapter (False: full fine-tuning)")
     lora_r: int = opt(32, "LoRA rank", ge=1)
     lora_alpha: int = opt(64, "LoRA alpha", gt=0)
@@ -154,14 +160,10 @@ class SFTConfig(StageConfig):
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(RunArgs):
     """One YAML, one run directory: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> report.
     Top-level keys apply to every stage; `sft:` and `grpo:` hold stage-specific overrides."""
 
-    model: str | None = opt(None, "hub id, local dir, .gguf file, or None for the embedded SmolLM2-135M-Instruct")
-    task: Any = opt("syllogism", "reasoning-gym task or mixture")
-    seed: int = opt(0, "base seed")
-    threads: int = opt(0, "torch threads (0: all cores)", ge=0)
     eval: EvalConfig = section(EvalConfig, "held-out eval of every stage")
     reward: RewardConfig = section(RewardConfig, "reward parts and the task scorer")
     data: DataConfig = section(DataConfig, "warm-up traces")
@@ -170,26 +172,19 @@ class PipelineConfig:
 
 
 @dataclass
-class EvalRunConfig:
+class EvalRunConfig(RunArgs):
     """`smolthink eval`: one model on a task's held-out set."""
 
-    model: str | None = opt(None, "hub id, local dir, .gguf file, or None for the embedded SmolLM2-135M-Instruct")
-    task: Any = opt("syllogism", "reasoning-gym task or mixture")
-    seed: int = opt(0, "base seed (the eval set, sampling)")
-    threads: int = opt(0, "torch threads (0: all cores)", ge=0)
     engine: str = opt("auto", "generation engine: auto | fast | hf", choices=("auto", "fast", "hf"))
     eval: EvalConfig = section(EvalConfig, "held-out eval")
     reward: RewardConfig = section(RewardConfig, "reward parts and the task scorer")
 
 
 @dataclass
-class DataRunConfig:
-    """`smolthink data`: verified warm-up traces on train questions, never the eval set's."""
+class DataRunConfig(RunArgs):
+    """`smolthink data`: verified warm-up traces on train questions, never the eval set's (same seed as the eval;
+    `model` is the default local teacher)."""
 
-    model: str | None = opt(None, "the policy's model (the default local teacher)")
-    task: Any = opt("syllogism", "reasoning-gym task or mixture")
-    seed: int = opt(0, "base seed (the same as the eval's, so its questions are excluded)")
-    threads: int = opt(0, "torch threads (0: all cores)", ge=0)
     data: DataConfig = section(DataConfig, "warm-up traces")
     eval: EvalConfig = section(EvalConfig, "the held-out eval set whose questions are excluded")
     reward: RewardConfig = section(RewardConfig, "the task scorer that verifies each trace")
@@ -245,8 +240,8 @@ def build_pipeline_config(sources: Sequence[Mapping[str, Any] | None]) -> Pipeli
 def stage_config(cfg: PipelineConfig, cls: type[T], **fixed: Any) -> T:
     """The config of one pipeline stage: the pipeline's shared keys, then `fixed` (what the pipeline wires, e.g.
     the SFT model path), then the stage's own section."""
-    shared = {"model": cfg.model, "task": cfg.task, "seed": cfg.seed, "threads": cfg.threads,
-              "eval": to_dict(cfg.eval), "reward": to_dict(cfg.reward)}
+    shared = {**{f.name: getattr(cfg, f.name) for f in fields(RunArgs)}, "eval": to_dict(cfg.eval),
+              "reward": to_dict(cfg.reward)}
     if cls is SFTConfig:
         shared["data"] = to_dict(cfg.data)
     own = cfg.sft if cls is SFTConfig else cfg.grpo
