@@ -110,11 +110,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".old_{target.name}.{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
+        old = move_aside(target) if target.exists() else None
         os.replace(tmp, target)
         fsync_dir(target.parent)
         if old is not None:
@@ -122,6 +118,20 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to an `.old_` name in the same directory (what remove_leftovers deletes) -> the new name."""
+    old = path.with_name(f".old_{path.name}.{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    return old
+
+
+def discard(path: Path) -> None:
+    """Delete a directory so that a kill part-way never leaves it half-deleted under its own name: it is renamed
+    aside first, and a kill during the deletion leaves an `.old_` leftover."""
+    shutil.rmtree(move_aside(Path(path)), ignore_errors=True)
 
 
 def remove_leftovers(parent: Path) -> list[Path]:
@@ -206,6 +216,19 @@ class RunDir:
     def sample_steps(self) -> list[int]:
         """Steps with decoded rollouts, ascending."""
         return _steps(self.samples_dir, STEP_SAMPLES)
+
+    def started(self) -> bool:
+        """True once a training run has begun writing here (metrics.jsonl or checkpoints/ exist)."""
+        return self.metrics.is_file() or self.checkpoints.is_dir()
+
+    def clear(self) -> None:
+        """Delete what a training run writes here, to start it again (traces.jsonl stays: an input a restart may
+        reuse)."""
+        for path in (self.config, self.metrics, self.data_stats):
+            path.unlink(missing_ok=True)
+        for path in (self.checkpoints, self.eval_dir, self.samples_dir, self.final):
+            if path.is_dir():
+                discard(path)
 
     def checkpoint(self, step: int) -> Path:
         """checkpoints/step_XXXXXX/."""
