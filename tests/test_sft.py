@@ -3,7 +3,6 @@ import json
 import os
 import signal
 
-import pytest
 import torch
 
 from smolthink.chat import SYSTEM_PROMPT
@@ -11,27 +10,6 @@ from smolthink.config import SFTConfig, build_config
 from smolthink.train_sft import build_experiences, tokenize_messages, train_sft
 
 FAST = {"threads": 2, "eval.n": 0, "minibatch_size": 4, "warmup_steps": 1, "log_every": 1, "max_length": 512}
-
-
-def _syllogism_trace(entry, flip=False):
-    m = entry["metadata"]
-    answer = entry["answer"] if not flip else ("No" if entry["answer"] == "Yes" else "Yes")
-    return (f"<think> Premise 1: {m['premise1']}. Premise 2: {m['premise2']}. The conclusion '{m['conclusion']}' "
-            f"{'follows' if answer == 'Yes' else 'does not follow'}. </think> <answer>{answer}</answer>")
-
-
-@pytest.fixture(scope="module")
-def traces(tmp_path_factory):
-    """8 verified syllogism traces (written through make_traces with a template solver)."""
-    from smolthink.config import DataConfig
-    from smolthink.data import make_traces
-    from smolthink.tasks import parse_tasks
-
-    path = tmp_path_factory.mktemp("data") / "traces.jsonl"
-    stats = make_traces(DataConfig(num_traces=8), parse_tasks("syllogism"), 0, path,
-                        solver=lambda task, entry, rng: _syllogism_trace(entry))
-    assert stats["kept"] == 8
-    return path
 
 
 def cfg_for(tiny_dir, traces=None, **kw):

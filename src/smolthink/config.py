@@ -102,6 +102,8 @@ class StageConfig(RunArgs):
     adam_beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
     adam_beta2: float = opt(0.99, "AdamW beta2", ge=0, lt=1)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", ge=0)
+    max_nonfinite_steps: int = opt(3, "stop the run after this many optimizer steps in a row skipped for a NaN or "
+                                      "inf loss or gradient", ge=1)
     max_steps: int = opt(10, "optimizer steps to train", ge=0)
     save_every: int = opt(0, "checkpoint every N optimizer steps (0: only at the end and on interrupt)", ge=0)
     keep_checkpoints: int = opt(2, "how many step checkpoints to keep", ge=1)

@@ -101,14 +101,11 @@ def make_report(cfg: PipelineConfig, pipe: PipelineDir) -> None:
 
 
 def _resumable(stage_dir: Path) -> bool:
-    """Resume a stage that was interrupted after its first checkpoint; restart one that never checkpointed."""
-    from .checkpoint import latest_checkpoint
+    """Resume a stage that holds a run (an intact checkpoint); the training run restarts one that never
+    checkpointed (`harness.open_run`)."""
+    from .harness import holds_run
 
-    if latest_checkpoint(stage_dir) is not None:
-        return True
-    if stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    return False
+    return holds_run(stage_dir)
 
 
 RUNNERS: dict[str, Callable[[PipelineConfig, PipelineDir], None]] = {

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .buffer import Experience, ExperienceBuffer
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import restore_checkpoint, save_checkpoint
 from .config import GRPOConfig
 from .grpo import group_advantages, policy_loss, zero_std_groups
 from .harness import TrainContext, TrainingRun, build_context, clip_and_step, start_process, training_run
@@ -222,7 +222,7 @@ def accumulate(totals: dict[str, float], loss: float, stats: dict[str, Any], wei
 def optimizer_step(ctx: GRPOContext, buffer: ExperienceBuffer, minibatches: list[list[int]]) -> dict[str, float]:
     """One optimizer step over gradient_accumulation minibatches, each split into chunks of at most
     max_tokens_per_forward tokens; normalisers are the whole step's, so the accumulated gradient equals the
-    big-batch gradient."""
+    big-batch gradient. A NaN/inf loss or gradient skips the update (`harness.clip_and_step`)."""
     t0 = time.time()
     items = [i for mb in minibatches for i in mb]
     n_seqs = len(items)
@@ -236,10 +236,10 @@ def optimizer_step(ctx: GRPOContext, buffer: ExperienceBuffer, minibatches: list
             accumulate(totals, loss, stats, batch.completion_mask.sum().item() / max(n_tok, 1))
             tokens_run += ctx.packing.computed_tokens(batch)
     lr = ctx.scheduler.get_last_lr()[0]
-    grad_norm = clip_and_step(ctx)
+    totals.update(clip_and_step(ctx, totals["loss/total"]))
     seconds = time.time() - t0
     seq_tokens = sum(buffer.seq_len(i) for i in items)
-    totals.update({"grad_norm": grad_norm, "lr": lr, "perf/train_s": seconds,
+    totals.update({"lr": lr, "perf/train_s": seconds,
                    "perf/train_tok_s": seq_tokens / max(seconds, 1e-9),
                    "perf/train_computed_tok_s": tokens_run / max(seconds, 1e-9),
                    "train/sequences": float(n_seqs)})
@@ -292,11 +292,11 @@ def restore(ctx: GRPOContext, tr: TrainingRun, buffer: ExperienceBuffer) -> Loop
     """A fresh loop state, or the checkpoint's (weights, optimizer, RNG and buffer restored)."""
     if tr.resume_from is None:
         return LoopState()
-    counters, extra = load_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
+    counters, extra = restore_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
     state = LoopState(step=counters["step"], rollouts=counters["rollouts"], fills=counters["fills"],
                       data_pos=counters["data_pos"], **extra)
     buffer.load_state_dict(state.buffer)
-    log.info("resumed from %s (step %d)", tr.resume_from, state.step)
+    log.info("resumed from %s (step %d)", tr.resume_from.path, state.step)
     return state
 
 

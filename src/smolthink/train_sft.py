@@ -20,7 +20,7 @@ import torch
 
 from .buffer import Experience, ExperienceBuffer
 from .chat import render_prompt
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import restore_checkpoint, save_checkpoint
 from .config import SFTConfig
 from .errors import SmolthinkError
 from .harness import TrainContext, TrainingRun, build_context, clip_and_step, start_process, training_run
@@ -109,7 +109,8 @@ def sft_loss(model, batch, n_tokens_total: int) -> tuple[torch.Tensor, int]:
 
 
 def optimizer_step(ctx: "SFTContext", minibatches: list[list[int]]) -> dict[str, float]:
-    """Forward/backward every chunk of the step's micro-batches, clip, step, schedule -> metrics."""
+    """Forward/backward every chunk of the step's micro-batches, clip, step, schedule (skipped on a NaN/inf loss
+    or gradient) -> metrics."""
     t0 = time.time()
     buffer = ctx.buffer
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
@@ -122,9 +123,9 @@ def optimizer_step(ctx: "SFTContext", minibatches: list[list[int]]) -> dict[str,
             ctx.accelerator.backward(loss)
             loss_sum += loss.item()
             tokens_seen += ctx.packing.computed_tokens(batch)
-    grad_norm = clip_and_step(ctx)
+    stepped = clip_and_step(ctx, loss_sum)
     seconds = time.time() - t0
-    return {"loss/sft": loss_sum, "lr": lr, "grad_norm": grad_norm, "perf/train_s": seconds,
+    return {"loss/sft": loss_sum, "lr": lr, **stepped, "perf/train_s": seconds,
             "perf/train_tok_s": tokens_seen / max(seconds, 1e-9), "train/sequences": float(sum(map(len, minibatches))),
             "train/assistant_tokens": float(n_tok)}
 
@@ -210,10 +211,10 @@ def restore(ctx: SFTContext, tr: TrainingRun) -> SFTState:
     sha = ctx.data_stats["sha256"]
     if tr.resume_from is None:
         return SFTState(data_sha256=sha)
-    counters, _ = load_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
+    counters, _ = restore_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
     if counters.get("data_sha256") and counters["data_sha256"] != sha:
         raise SmolthinkError(f"{ctx.data_stats['path']} changed since the checkpoint: resume needs the same traces")
-    log.info("resumed from %s (step %d, epoch %d)", tr.resume_from, counters["step"], counters["epoch"])
+    log.info("resumed from %s (step %d, epoch %d)", tr.resume_from.path, counters["step"], counters["epoch"])
     return SFTState(step=counters["step"], epoch=counters["epoch"], pos=counters["pos"], data_sha256=sha)
 
 
