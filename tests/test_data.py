@@ -98,9 +98,12 @@ def test_local_teacher_stats_add_up(tmp_path, tiny_lm, tiny_tokenizer):
 
 
 def test_api_teacher_against_the_local_server(tmp_path, tiny_lm, tiny_tokenizer, monkeypatch):
+    from fault_server import Faults
+
     from smolthink.serve import make_server
 
     server = make_server(tiny_lm, tiny_tokenizer, port=0)
+    faults = Faults(server)  # counts the requests that reach the server
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -112,10 +115,10 @@ def test_api_teacher_against_the_local_server(tmp_path, tiny_lm, tiny_tokenizer,
         assert a["kept"] + a["rejected"] == a["questions"] and a["samples"] == 2 * a["questions"]
         assert 2 <= a["questions"] <= 4 and a["rounds"] == (1 if a["kept"] == 2 else 2)
         assert a["teacher_completion_tokens"] > 0
-        calls = server.calls
+        calls = faults.calls
         assert calls >= 2
         b = make_traces(cfg, specs, 0, tmp_path / "b.jsonl", teacher_kwargs=kw)
-        assert server.calls == calls  # every request answered from the cache
+        assert faults.calls == calls  # every request answered from the cache
         assert b["teacher_cache_hits"] == b["questions"] == a["questions"] and b["teacher_http_requests"] == 0
         assert (b["kept"], b["rejected"]) == (a["kept"], a["rejected"])
         assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
