@@ -203,8 +203,9 @@ class SFTConfig(StageConfig):
 
 @dataclass
 class PipelineConfig(RunArgs):
-    """One YAML, one run directory: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> report.
-    Top-level keys apply to every stage; `sft:` and `grpo:` hold stage-specific overrides."""
+    """One YAML, one run directory: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> SFT-only control
+    -> pass@k -> report. Top-level keys apply to every stage; `sft:`, `grpo:` and `control:` hold stage-specific
+    overrides."""
 
     eval: EvalConfig = section(EvalConfig, "held-out eval of every stage")
     reward: RewardConfig = section(RewardConfig, "reward parts and the task scorer")
