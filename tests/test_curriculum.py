@@ -27,7 +27,10 @@ def test_start_level_reproduces_the_configured_difficulty():
     # a configured difficulty picks its own level; an explicit start level wins
     custom = build_curricula(parse_tasks([{"name": "propositional_logic", "config": {"max_vars": 8}}]),
                              CurriculumConfig(enabled=True))[0]["propositional_logic"]
-    assert custom.levels["vars"] == 3
+    assert custom.levels["vars"] == 3 and custom.unmatched == []
+    odd = build_curricula(parse_tasks([{"name": "propositional_logic", "config": {"min_vars": 3}}]),
+                          CurriculumConfig(enabled=True))[0]["propositional_logic"]
+    assert odd.levels["vars"] == 0 and odd.unmatched == ["vars"]  # no level starts the range at 3: level 0
     assert curriculum(start_level=0).levels == {"vars": 0, "statements": 0, "complexity": 0}
 
 

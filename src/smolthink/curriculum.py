@@ -11,7 +11,7 @@ is made on questions of the new level only.
 
 Start level (curriculum.start_level None): for each attribute, the highest level whose generated fields equal the
 task's configured ones (its `config:` over the generator's defaults), so the run starts at the difficulty the eval
-set is drawn at; an attribute no level reproduces starts at 0 (logged).
+set is drawn at; an attribute no level reproduces starts at 0 (the question source logs it).
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ class TaskCurriculum:
     """One task's difficulty levels, moved by group accuracy (see the module docstring)."""
 
     def __init__(self, spec: TaskSpec, rg_curriculum, moving: Sequence[str], levels: dict[str, int],
-                 cfg: CurriculumConfig):
+                 cfg: CurriculumConfig, unmatched: Sequence[str] = ()):
         self.spec, self.rg, self.moving, self.cfg = spec, rg_curriculum, list(moving), cfg
+        self.unmatched = list(unmatched)  # attributes no level of which reproduces the configured difficulty
         self.window: deque[float] = deque(maxlen=cfg.window)
         self.set_levels(levels)
 
@@ -138,10 +139,10 @@ def _moving(specs: Sequence[TaskSpec], found: dict[str, Any], wanted: Sequence[s
             for t, cur in found.items()}
 
 
-def _start_levels(spec: TaskSpec, cur, moving: Sequence[str], start: int | None) -> dict[str, int]:
+def _start_levels(spec: TaskSpec, cur, moving: Sequence[str], start: int | None) -> tuple[dict[str, int], list[str]]:
     """Each moved attribute's start level: `start` (checked against its range: one line naming the valid levels)
-    or the level matching the configured difficulty, else 0."""
-    levels = {}
+    or the level matching the configured difficulty, else 0 -> (levels, the attributes that fell back to 0)."""
+    levels, unmatched = {}, []
     configured = _configured(spec) if start is None else {}
     for a in moving:
         top = len(cur.attributes[a].levels) - 1
@@ -153,10 +154,9 @@ def _start_levels(spec: TaskSpec, cur, moving: Sequence[str], start: int | None)
             continue
         match = matching_level(cur, a, configured)
         if match is None:
-            log.info("curriculum: no level of %s.%s reproduces its configured %s: it starts at level 0", spec.name, a,
-                     ", ".join(f"{f}={configured.get(f)!r}" for f in attribute_fields(cur.attributes[a])))
+            unmatched.append(a)
         levels[a] = match or 0
-    return levels
+    return levels, unmatched
 
 
 def build_curricula(specs: Sequence[TaskSpec], cfg: CurriculumConfig) -> tuple[dict[str, TaskCurriculum], list[str]]:
@@ -167,6 +167,6 @@ def build_curricula(specs: Sequence[TaskSpec], cfg: CurriculumConfig) -> tuple[d
     out = {}
     for spec in specs:
         if moving.get(spec.name):
-            levels = _start_levels(spec, found[spec.name], moving[spec.name], cfg.start_level)
-            out[spec.name] = TaskCurriculum(spec, found[spec.name], moving[spec.name], levels, cfg)
+            levels, unmatched = _start_levels(spec, found[spec.name], moving[spec.name], cfg.start_level)
+            out[spec.name] = TaskCurriculum(spec, found[spec.name], moving[spec.name], levels, cfg, unmatched)
     return out, [s.name for s in specs if s.name not in out]

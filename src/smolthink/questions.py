@@ -138,6 +138,8 @@ def make_source(cfg: GRPOConfig, specs: Sequence[TaskSpec], train: Sequence[Exam
             log.info("curriculum: %s has no reasoning-gym curriculum (or no attribute to move): its questions keep "
                      "the configured difficulty", ", ".join(without))
         for task, cur in curricula.items():
-            log.info("curriculum: %s starts at %s", task, cur.levels)
+            log.info("curriculum: %s starts at %s%s", task, cur.levels,
+                     f" (no level reproduces the configured {', '.join(cur.unmatched)}: level 0)" if cur.unmatched
+                     else "")
     replay = ReplayPool(cfg.replay, exclude) if cfg.replay.fraction > 0 else None
     return QuestionSource(train, cfg.seed, curricula, replay, cfg.replay.fraction, exclude)

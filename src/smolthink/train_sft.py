@@ -256,10 +256,11 @@ def describe(ctx: SFTContext) -> None:
     """The derived numbers, once at start-up."""
     ds, cfg = ctx.data_stats, ctx.cfg
     log.info("SFT: %d traces (%d dropped: %d too long, %d eval overlap), %d assistant tokens; %d sequences per "
-             "optimizer step (%d x %d accumulation); %d steps per epoch; %d steps", ds["used"],
+             "optimizer step (%d x %d accumulation); %d steps per epoch; %d steps%s", ds["used"],
              ds["traces"] - ds["used"], ds["dropped_too_long"], ds["dropped_eval_overlap"], ds["assistant_tokens"],
              ds["sequences_per_step"], cfg.minibatch_size, cfg.gradient_accumulation_steps, ctx.steps_per_epoch,
-             ctx.total)
+             ctx.total, f" or {fmt_duration(cfg.max_seconds)} of training, whichever ends first"
+             if cfg.max_seconds else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -169,10 +169,11 @@ def load_stage(name: str, run: RunDir) -> Stage:
                  read_jsonl(samples_file) if samples_file else [], read_yaml(run.config), run.done() is not None)
 
 
-# Pipeline stages a config may turn off, and how pipeline.yaml says they are on (a config from before a stage
-# existed does not name it: off).
+# Pipeline stages a config may turn off, and how pipeline.yaml says they are on (as pipeline.stage_enabled decides;
+# a config from before a stage existed does not name it: off).
 OPTIONAL_STAGES = {"sft_control": lambda c: c.get("sft_control") is True,
-                   "passk": lambda c: isinstance(c.get("passk"), dict) and c["passk"].get("enabled") is True}
+                   "passk": lambda c: isinstance(c.get("passk"), dict) and c["passk"].get("enabled") is True
+                   and (c.get("eval") or {}).get("n", 1) != 0}
 
 
 def stage_status(pipe: PipelineDir, stage: str, config: dict[str, Any]) -> str:
