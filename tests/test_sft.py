@@ -84,6 +84,26 @@ def test_resume_after_sigterm_is_exact(tmp_path, tiny_dir, traces):
     assert a == b
 
 
+def test_time_budget_stops_between_steps(tmp_path, tiny_dir, traces, monkeypatch):
+    """max_seconds is checked between optimizer steps on the loop's clock (a fake one here: 10 s per step), and
+    the seconds spent are checkpointed so a resumed run continues the same budget."""
+    from types import SimpleNamespace
+
+    import smolthink.train_sft as train_sft_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(train_sft_module, "time", SimpleNamespace(time=lambda: clock[0]))
+
+    def tick(step, m):
+        clock[0] += 10.0
+
+    out = tmp_path / "run"
+    train_sft(cfg_for(tiny_dir, traces, num_epochs=100, max_seconds=25.0), out, on_step=tick)
+    assert json.loads((out / "DONE").read_text())["steps"] == 3  # 0, 10, 20 s: under 25; 30 s: stop
+    # step 3 ended at 20 s on the loop's clock (the fake clock moves after the step): that is what a resume continues
+    assert json.loads((out / "checkpoints" / "step_000003" / "state.json").read_text())["seconds"] == 20.0
+
+
 def test_smoke_writes_every_artifact(tmp_path, tiny_dir, monkeypatch):
     """No data given: scripted traces are generated first (eval questions excluded), then 2 steps with eval."""
     from peft import PeftModel

@@ -65,6 +65,44 @@ class DataConfig:
     api_concurrency: int = opt(8, "concurrent API requests", ge=1, le=256)
 
 
+@dataclass
+class CurriculumConfig:
+    """Difficulty scheduling through reasoning-gym's own curricula (`grpo.curriculum.*`): fresh train questions are
+    generated at the current level of each task's difficulty attributes, raised when the rolling accuracy of the
+    last `window` groups of fresh questions is above `raise_above`, lowered below `lower_below`."""
+
+    enabled: bool = opt(False, "generate train questions at a moving difficulty level (tasks with a curriculum)")
+    attributes: list[str] = opt([], "attributes to move, 'attr' or 'task.attr' (empty: every attribute of each task)")
+    start_level: int | None = opt(None, "level every moved attribute starts at (None: the level that reproduces the "
+                                        "task's configured difficulty, else 0)", ge=0)
+    raise_above: float = opt(0.7, "raise one level when the window's group accuracy is above this", ge=0, le=1)
+    lower_below: float = opt(0.2, "lower one level when the window's group accuracy is below this", ge=0, le=1)
+    window: int = opt(16, "groups of fresh questions at the current level that decide a move", ge=1)
+
+
+@dataclass
+class ReplayConfig:
+    """Prioritised replay (`grpo.replay.*`): train questions the policy got wrong or right only sometimes are kept
+    with their latest group pass rate p and drawn again with weight 1 - p; solved questions (p = 1) leave."""
+
+    fraction: float = opt(0.0, "share of each rollout batch's questions drawn from the replay pool (0: off)",
+                          ge=0, le=1)
+    pool_size: int = opt(1024, "questions the pool holds (the oldest leave first)", ge=1)
+    max_repeats: int = opt(2, "times one question may be replayed before it leaves the pool", ge=1)
+
+
+@dataclass
+class PassKConfig:
+    """The pipeline's sampled eval (`passk.*`): k samples per question on the first n held-out questions, for the
+    SFT model, the GRPO model and the SFT-only control -> pass@k and mean@k."""
+
+    enabled: bool = opt(True, "run the pass@k / mean@k eval stage")
+    n: int = opt(100, "questions (the first n of the held-out eval set)", ge=1)
+    k: int = opt(4, "samples per question", ge=2)
+    temperature: float = opt(0.7, "sampling temperature", gt=0)
+    top_p: float = opt(0.95, "nucleus sampling", gt=0, le=1)
+
+
 # ----------------------------------------------------------------------------------------------- stages
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -143,6 +181,8 @@ class GRPOConfig(StageConfig):
     engine: str = opt("auto", "rollout engine: auto | fast | hf", choices=("auto", "fast", "hf"))
     train_size: int = opt(5000, "train questions generated (disjoint from eval)", ge=1)
     sample_every: int = opt(5, "write samples/ every N steps (0: never)", ge=0)
+    curriculum: CurriculumConfig = section(CurriculumConfig, "difficulty scheduling (reasoning-gym curricula)")
+    replay: ReplayConfig = section(ReplayConfig, "prioritised replay of questions not yet solved every time")
 
 
 @dataclass
@@ -159,18 +199,24 @@ class SFTConfig(StageConfig):
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", ge=1)
     max_length: int = opt(512, "max tokens per training sequence (longer ones are dropped)", ge=2)
     log_every: int = opt(5, "console line every N steps", ge=1)
+    max_seconds: float = opt(0.0, "stop after this many seconds of training, checked between optimizer steps "
+                                  "(0: no limit)", ge=0)
 
 
 @dataclass
 class PipelineConfig(RunArgs):
-    """One YAML, one run directory: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> report.
-    Top-level keys apply to every stage; `sft:` and `grpo:` hold stage-specific overrides."""
+    """One YAML, one run directory: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> SFT-only control
+    -> pass@k -> report. Top-level keys apply to every stage; `sft:`, `grpo:` and `control:` hold stage-specific
+    overrides."""
 
     eval: EvalConfig = section(EvalConfig, "held-out eval of every stage")
     reward: RewardConfig = section(RewardConfig, "reward parts and the task scorer")
     data: DataConfig = section(DataConfig, "warm-up traces")
     sft: dict = opt({}, "SFTConfig overrides for the SFT stage")
     grpo: dict = opt({}, "GRPOConfig overrides for the GRPO stage")
+    sft_control: bool = opt(True, "run the SFT-only control: SFT continued for the GRPO stage's wall time")
+    control: dict = opt({}, "SFTConfig overrides for the sft_control stage (after the `sft:` section's)")
+    passk: PassKConfig = section(PassKConfig, "pass@k / mean@k of the SFT, GRPO and control models")
 
 
 @dataclass
@@ -229,6 +275,13 @@ def validate(cfg: Any) -> None:
     if isinstance(cfg, GRPOConfig):
         need(cfg.buffer_size >= cfg.minibatch_size, "buffer_size must be >= minibatch_size")
         need(cfg.train_size >= cfg.prompts_per_rollout, "train_size must be >= prompts_per_rollout")
+        cur = cfg.curriculum
+        need(cur.lower_below < cur.raise_above, "curriculum.lower_below must be < curriculum.raise_above")
+        if cur.enabled:
+            from .curriculum import build_curricula
+            from .tasks import parse_tasks
+
+            build_curricula(parse_tasks(cfg.task), cur)  # unknown attributes, levels out of range: one line
 
 
 def build_pipeline_config(sources: Sequence[Mapping[str, Any] | None]) -> PipelineConfig:
@@ -236,15 +289,32 @@ def build_pipeline_config(sources: Sequence[Mapping[str, Any] | None]) -> Pipeli
     cfg = build_config(PipelineConfig, sources)
     stage_config(cfg, SFTConfig)
     stage_config(cfg, GRPOConfig)
+    control_config(cfg)
     return cfg
+
+
+def _shared(cfg: PipelineConfig, cls: type) -> dict[str, Any]:
+    """The pipeline's keys every stage of class `cls` takes."""
+    shared = {**{f.name: getattr(cfg, f.name) for f in fields(RunArgs)}, "eval": to_dict(cfg.eval),
+              "reward": to_dict(cfg.reward)}
+    if cls is SFTConfig:
+        shared["data"] = to_dict(cfg.data)
+    return shared
 
 
 def stage_config(cfg: PipelineConfig, cls: type[T], **fixed: Any) -> T:
     """The config of one pipeline stage: the pipeline's shared keys, then `fixed` (what the pipeline wires, e.g.
     the SFT model path), then the stage's own section."""
-    shared = {**{f.name: getattr(cfg, f.name) for f in fields(RunArgs)}, "eval": to_dict(cfg.eval),
-              "reward": to_dict(cfg.reward)}
-    if cls is SFTConfig:
-        shared["data"] = to_dict(cfg.data)
     own = cfg.sft if cls is SFTConfig else cfg.grpo
-    return build_config(cls, [shared, fixed, own])
+    return build_config(cls, [_shared(cfg, cls), fixed, own])
+
+
+# The sft_control stage's own defaults: its length is set by the clock (`max_seconds`), so its step cap is out of
+# the way and its learning rate constant after warm-up (a decay needs a known step count).
+CONTROL_DEFAULTS = {"max_steps": 0, "num_epochs": 10_000, "lr_scheduler_type": "constant"}
+
+
+def control_config(cfg: PipelineConfig, **fixed: Any) -> SFTConfig:
+    """The sft_control stage's config: the SFT stage's (shared keys, `sft:`), then CONTROL_DEFAULTS, then the
+    `control:` section, then `fixed` (the pipeline's wiring: start model, traces, time budget)."""
+    return build_config(SFTConfig, [_shared(cfg, SFTConfig), cfg.sft, CONTROL_DEFAULTS, cfg.control, fixed])

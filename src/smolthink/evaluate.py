@@ -92,7 +92,10 @@ def summarize(examples: Sequence[Example], parts: Sequence[Sequence[RewardParts]
         "mean@k": None,
     }
     if k > 1:
-        summary["pass@k"] = sum(pass_at_k(k, int(sum(p.correct for p in row)), k) for row in parts) / n_q
+        # with exactly k samples, pass@k of a question is 1 when any sample is right: a proportion, Wilson interval
+        passed = sum(pass_at_k(k, int(sum(p.correct for p in row)), k) for row in parts)
+        summary["pass@k"] = passed / n_q
+        summary["pass@k_ci95"] = list(wilson_interval(passed, n_q))
         summary["mean@k"] = acc
     return summary
 

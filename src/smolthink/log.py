@@ -50,10 +50,12 @@ def fmt_duration(seconds: float) -> str:
 
 
 def step_line(step: int, total: int, m: dict[str, float], step_s: float, eta_s: float) -> str:
-    """`step 12/200 | reward 0.41±0.22 | acc 0.38 | fmt 0.97 | len 143 | 31.2 s/step | eta 1h02m`."""
+    """`step 12/200 | reward 0.41±0.22 | acc 0.38 | fmt 0.97 | len 143 | loss +0.0123 | all-right 0.50 all-wrong
+    0.12 | 31.2 s/step | eta 1h02m` (all-right / all-wrong: shares of groups with no correctness signal)."""
     return (f"step {step}/{total} | reward {m.get('reward/mean', 0):.3f}±{m.get('reward/std', 0):.2f} | "
             f"acc {m.get('reward/correct', 0):.2f} | fmt {m.get('reward/format', 0):.2f} | "
             f"len {m.get('completion/mean_len', 0):.0f} | loss {m.get('loss/total', 0):+.4f} | "
+            f"all-right {m.get('groups/all_correct_frac', 0):.2f} all-wrong {m.get('groups/all_wrong_frac', 0):.2f} | "
             f"{step_s:.1f} s/step | eta {fmt_duration(eta_s)}")
 
 

@@ -4,12 +4,13 @@ rename, fsync of the directory), so a crash or a power cut leaves either the old
 
 Stage run directory (`smolthink sft`, `smolthink train`, or a pipeline stage):
     config.yaml  metrics.jsonl  data_stats.json  traces.jsonl  DONE
-    eval/step_000010.json (+ .completions.jsonl)   samples/step_000010.jsonl
+    eval/step_000010.json (+ .completions.jsonl)   samples/step_000010.jsonl   groups/step_000010.jsonl
     checkpoints/step_000010/   final/adapter/  final/merged/
 Pipeline run directory:
     pipeline.yaml  timings.json  report.md  plots/
     base_eval/eval.json (+ completions.jsonl)   data/traces.jsonl  data/stats.json
-    sft/  grpo/  (stage run directories)        final_eval/eval.json (+ completions.jsonl)
+    sft/  grpo/  sft_control/  (stage run directories)   final_eval/eval.json (+ completions.jsonl)
+    passk/{sft,grpo,sft_control}.json (+ .completions.jsonl)
 
 DONE is written last by whoever finishes a stage, and always holds the same JSON: {"seconds": wall seconds,
 "steps": optimizer steps or null}.
@@ -196,6 +197,7 @@ class RunDir:
     final_merged = property(lambda self: self.root / "final" / "merged", doc="the merged final model")
     eval_dir = property(lambda self: self.root / "eval", doc="eval/step_XXXXXX.json")
     samples_dir = property(lambda self: self.root / "samples", doc="samples/step_XXXXXX.jsonl")
+    groups_dir = property(lambda self: self.root / "groups", doc="groups/step_XXXXXX.jsonl")
 
     def eval(self, step: int) -> Path:
         """eval/step_XXXXXX.json: the eval summary after `step` optimizer steps (0: before training)."""
@@ -230,6 +232,14 @@ class RunDir:
             if path.is_dir():
                 discard(path)
 
+    def groups(self, step: int) -> Path:
+        """groups/step_XXXXXX.jsonl: every GRPO group of the buffer fill first trained on at that step."""
+        return self.groups_dir / f"{step_name(step)}.jsonl"
+
+    def group_steps(self) -> list[int]:
+        """Steps with a groups file, ascending."""
+        return _steps(self.groups_dir, STEP_SAMPLES)
+
     def checkpoint(self, step: int) -> Path:
         """checkpoints/step_XXXXXX/."""
         return self.checkpoints / step_name(step)
@@ -243,7 +253,7 @@ class RunDir:
         return mark_done(self.root, seconds, steps)
 
 
-PIPELINE_STAGES = ("base_eval", "data", "sft", "grpo", "final_eval", "report")
+PIPELINE_STAGES = ("base_eval", "data", "sft", "grpo", "final_eval", "sft_control", "passk", "report")
 
 
 @dataclass(frozen=True)
@@ -269,7 +279,7 @@ class PipelineDir:
         return self.root / name
 
     def run(self, name: str) -> RunDir:
-        """A training stage's run directory (sft, grpo)."""
+        """A training stage's run directory (sft, grpo, sft_control)."""
         return RunDir(self.stage(name))
 
     def eval_json(self, stage: str) -> Path:
@@ -279,6 +289,14 @@ class PipelineDir:
     def completions(self, stage: str) -> Path:
         """<stage>/completions.jsonl of an eval stage."""
         return self.stage(stage) / "completions.jsonl"
+
+    def passk(self, model: str) -> Path:
+        """passk/<model>.json: the pass@k / mean@k eval of one stage's final model (sft, grpo, sft_control)."""
+        return self.stage("passk") / f"{model}.json"
+
+    def passk_completions(self, model: str) -> Path:
+        """passk/<model>.completions.jsonl: every sample of that eval."""
+        return self.stage("passk") / f"{model}.completions.jsonl"
 
     def done(self, stage: str) -> dict[str, Any] | None:
         """A stage's DONE record, or None while unfinished."""

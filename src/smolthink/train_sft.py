@@ -43,6 +43,7 @@ class SFTState:
     epoch: int = 0  # current pass over the traces
     pos: int = 0  # optimizer steps done within the current epoch
     data_sha256: str = ""  # the traces file trained on (a resume on other data fails)
+    seconds: float = 0.0  # training seconds before this process (a max_seconds budget continues on resume)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,6 +138,29 @@ def sft_line(step: int, total: int, m: dict[str, float], step_s: float, eta_s: f
             f"{m.get('perf/train_tok_s', 0):.0f} tok/s | {step_s:.1f} s/step | eta {fmt_duration(eta_s)}")
 
 
+class Budget:
+    """A training time budget (`max_seconds`, 0: none), checked between optimizer steps: it counts this process's
+    seconds since the loop began plus those a resumed checkpoint had already spent."""
+
+    def __init__(self, max_seconds: float, spent_before: float):
+        self.max_seconds, self.before, self.t0 = max_seconds, spent_before, time.time()
+
+    def elapsed(self) -> float:
+        """Training seconds so far."""
+        return self.before + time.time() - self.t0
+
+    def spent(self) -> bool:
+        """True once the budget is used up (never without one)."""
+        return self.max_seconds > 0 and self.elapsed() >= self.max_seconds
+
+    def line(self, line: Callable[..., str]) -> Callable[..., str]:
+        """The console line with its ETA capped by the time left (the step cap of a clock-bound run is far off)."""
+        if self.max_seconds <= 0:
+            return line
+        return lambda step, total, m, step_s, eta_s: line(step, total, m, step_s,
+                                                          min(eta_s, max(0.0, self.max_seconds - self.elapsed())))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # set-up
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,7 +225,7 @@ def setup(cfg: SFTConfig, run: RunDir, resume: bool) -> SFTContext:
 
 def save(ctx: SFTContext, state: SFTState) -> Path:
     """Checkpoint after the last finished optimizer step."""
-    counters = {"epoch": state.epoch, "pos": state.pos, "data_sha256": state.data_sha256}
+    counters = {"epoch": state.epoch, "pos": state.pos, "data_sha256": state.data_sha256, "seconds": state.seconds}
     return save_checkpoint(ctx.run.checkpoints, state.step, ctx.model, ctx.optimizer, ctx.scheduler, counters,
                            keep=ctx.cfg.keep_checkpoints)
 
@@ -215,7 +239,8 @@ def restore(ctx: SFTContext, tr: TrainingRun) -> SFTState:
     if counters.get("data_sha256") and counters["data_sha256"] != sha:
         raise SmolthinkError(f"{ctx.data_stats['path']} changed since the checkpoint: resume needs the same traces")
     log.info("resumed from %s (step %d, epoch %d)", tr.resume_from.path, counters["step"], counters["epoch"])
-    return SFTState(step=counters["step"], epoch=counters["epoch"], pos=counters["pos"], data_sha256=sha)
+    return SFTState(step=counters["step"], epoch=counters["epoch"], pos=counters["pos"], data_sha256=sha,
+                    seconds=counters["seconds"])
 
 
 def next_step(ctx: SFTContext, state: SFTState) -> list[list[int]]:
@@ -232,10 +257,11 @@ def describe(ctx: SFTContext) -> None:
     """The derived numbers, once at start-up."""
     ds, cfg = ctx.data_stats, ctx.cfg
     log.info("SFT: %d traces (%d dropped: %d too long, %d eval overlap), %d assistant tokens; %d sequences per "
-             "optimizer step (%d x %d accumulation); %d steps per epoch; %d steps", ds["used"],
+             "optimizer step (%d x %d accumulation); %d steps per epoch; %d steps%s", ds["used"],
              ds["traces"] - ds["used"], ds["dropped_too_long"], ds["dropped_eval_overlap"], ds["assistant_tokens"],
              ds["sequences_per_step"], cfg.minibatch_size, cfg.gradient_accumulation_steps, ctx.steps_per_epoch,
-             ctx.total)
+             ctx.total, f" or {fmt_duration(cfg.max_seconds)} of training, whichever ends first"
+             if cfg.max_seconds else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,14 +282,16 @@ def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False,
         write_json(tr.run.data_stats, ctx.data_stats)
         tr.start(ctx, state.step, save=lambda: save(ctx, state),
                  config=dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=ctx.data_stats["path"])))
-        while state.step < ctx.total and not tr.stopping:
+        budget = Budget(cfg.max_seconds, state.seconds)
+        while state.step < ctx.total and not tr.stopping and not budget.spent():
             # ---- 3. one optimizer step ----
             m = optimizer_step(ctx, next_step(ctx, state))
             state.pos += 1
             state.step += 1
+            state.seconds = budget.elapsed()
             # ---- 4. log, eval, checkpoint ----
             m["epoch"] = state.epoch + state.pos / ctx.steps_per_epoch
-            tr.end_step(state.step, ctx.total, m, sft_line)
+            tr.end_step(state.step, ctx.total, m, budget.line(sft_line))
             if on_step is not None:
                 on_step(state.step, m)
         # ---- 5. the end: checkpoint, final eval, final model, DONE ----

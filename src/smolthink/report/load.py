@@ -169,10 +169,20 @@ def load_stage(name: str, run: RunDir) -> Stage:
                  read_jsonl(samples_file) if samples_file else [], read_yaml(run.config), run.done() is not None)
 
 
-def stage_status(pipe: PipelineDir, stage: str) -> str:
-    """'done' (DONE written), 'incomplete (no DONE marker)' (started), or 'missing'."""
+# Pipeline stages a config may turn off, and how pipeline.yaml says they are on (as pipeline.stage_enabled decides;
+# a config from before a stage existed does not name it: off).
+OPTIONAL_STAGES = {"sft_control": lambda c: c.get("sft_control") is True,
+                   "passk": lambda c: isinstance(c.get("passk"), dict) and c["passk"].get("enabled") is True
+                   and (c.get("eval") or {}).get("n", 1) != 0}
+
+
+def stage_status(pipe: PipelineDir, stage: str, config: dict[str, Any]) -> str:
+    """'done' (DONE written), 'off' (turned off in the config), 'incomplete (no DONE marker)' (started), or
+    'missing'."""
     if pipe.done(stage) is not None:
         return "done"
+    if stage in OPTIONAL_STAGES and not OPTIONAL_STAGES[stage](config):
+        return "off"
     d = pipe.stage(stage)
     if d.is_dir() and any(d.iterdir()):
         return "incomplete (no DONE marker)"

@@ -6,6 +6,8 @@ from typing import Callable
 
 from ..rundir import PipelineDir, atomic_write
 from .context import ReportContext, gather
+from .flips import flips_section
+from .rl import budget_section, control_section
 from .sections import (answers_section, before_after_section, header_section, plots_section, samples_section,
                        stages_section, summary_section)
 
@@ -16,7 +18,10 @@ SECTIONS: list[Callable[[ReportContext], list[str]]] = [
     summary_section,
     stages_section,
     before_after_section,
+    control_section,
+    flips_section,
     answers_section,
+    budget_section,
     plots_section,
     samples_section,
 ]

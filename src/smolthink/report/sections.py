@@ -194,12 +194,13 @@ def before_after_section(ctx: ReportContext) -> list[str]:
         out += ["| stage | step | accuracy [95% CI] | balanced acc. | majority baseline | format rate | "
                 "mean completion len | n | Δ acc vs base (pts) | Δ acc vs majority (pts) | top answer |",
                 "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|"]
-        out += [_table_row(row, base_row, ctx.dists.get(row.label)) for row in ctx.rows]
-        sources = ", ".join(f"{row.label} = `{_rel(ctx, row.point.path)}`" for row in ctx.rows
+        rows = ctx.rows + ([ctx.control] if ctx.control is not None else [])
+        out += [_table_row(row, base_row, ctx.dists.get(row.label)) for row in rows]
+        sources = ", ".join(f"{row.label} = `{_rel(ctx, row.point.path)}`" for row in rows
                             if row.point is not None)
         out += ["", f"Sources: {sources}. Δ in percentage points of accuracy; \"top answer\": the most common "
                 "predicted answer and its share of the answered completions.", ""]
-        out += [line for line in (_delta_line(row, base_row) for row in ctx.rows) if line]
+        out += [line for line in (_delta_line(row, base_row) for row in rows) if line]
         out.append("")
     notes = _notes(ctx.rows)
     if notes:
