@@ -75,8 +75,8 @@ def test_verify_reasons():
     from smolthink.sandbox import Scorer
 
     ex = make_examples(parse_tasks("syllogism"), 1, 0, "train")[0]
-    good = f"<think> reasons </think> <answer>{ex.answer}</answer>"
-    wrong = f"<think> reasons </think> <answer>{'No' if ex.answer == 'Yes' else 'Yes'}</answer>"
+    good = f"<think> two reasons </think> <answer>{ex.answer}</answer>"
+    wrong = f"<think> two reasons </think> <answer>{'No' if ex.answer == 'Yes' else 'Yes'}</answer>"
     cases = [good, wrong, f"{good} trailing text", None, "<think> the hint says so </think> <answer>x</answer>"]
     with Scorer() as scorer:
         assert verify(cases, [ex] * 5, scorer, parse_tasks("syllogism"), check_hint_leak=True) == [
