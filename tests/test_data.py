@@ -7,9 +7,9 @@ import pytest
 
 from smolthink.chat import SYSTEM_PROMPT
 from smolthink.config import DataConfig
-from smolthink.data import hint_answer, make_traces, stats_path_for, verify
+from smolthink.data import make_traces, stats_path_for, verify
 from smolthink.errors import SmolthinkError
-from smolthink.tasks import make_examples, parse_tasks
+from smolthink.tasks import make_examples, parse_tasks, reference_answer
 
 BOTH = "syllogism,propositional_logic"
 
@@ -94,7 +94,7 @@ def test_local_teacher_stats_add_up(tmp_path, tiny_lm, tiny_tokenizer):
     assert stats["teacher_completion_tokens"] <= 4 * 6 and stats["teacher_prompt_tokens"] > 0
     assert len(rows_of(out)) == stats["kept"]
     ex = make_examples(specs, 2, 0, "train")
-    assert {hint_answer(e) for e in ex} and all(hint_answer(e) for e in ex)  # propositional_logic hints too
+    assert {reference_answer(e) for e in ex} and all(reference_answer(e) for e in ex)  # propositional_logic hints too
 
 
 def test_api_teacher_against_the_local_server(tmp_path, tiny_lm, tiny_tokenizer, monkeypatch):

@@ -29,7 +29,7 @@ from .log import progress_bar
 from .rewards import score_completions
 from .rundir import write_json, write_jsonl
 from .seeds import derive_seed
-from .tasks import TaskSpec, make_examples
+from .tasks import TaskSpec, make_examples, reference_answer
 from .types import Example
 
 log = logging.getLogger(__name__)
@@ -70,20 +70,9 @@ def verify(traces: Sequence[str | None], examples: Sequence[Example], scorer, sp
     return reasons
 
 
-def hint_answer(ex: Example) -> str:
-    """The answer a teacher is told: the gold answer, or for checker-verified tasks (gold None, e.g.
-    propositional_logic) one valid answer from the item's metadata."""
-    if ex.answer is not None:
-        return str(ex.answer)
-    meta = ex.entry.get("metadata") or {}
-    if meta.get("example_answer") is not None:
-        return str(meta["example_answer"])
-    raise SmolthinkError(f"task '{ex.task}' has no gold answer and no metadata example_answer to hint with")
-
-
 def hinted_messages(ex: Example) -> list[dict[str, str]]:
     """System prompt + the question followed by the answer hint (what a teacher sees)."""
-    return build_messages(f"{ex.question}\n\n{HINT.format(answer=hint_answer(ex))}")
+    return build_messages(f"{ex.question}\n\n{HINT.format(answer=reference_answer(ex))}")
 
 
 def trace_row(ex: Example, trace: str, source: str) -> dict[str, Any]:

@@ -98,8 +98,21 @@ def _generate(spec: TaskSpec, seed: int, size: int) -> list[dict]:
     try:
         ds = rg.create_dataset(spec.name, seed=seed, size=size, **spec.config)
     except (TypeError, ValueError, AssertionError) as e:
-        raise SmolthinkError(f"bad config for task '{spec.name}': {e}") from None
+        given = f"config {spec.config}" if spec.config else "no settings given"
+        raise SmolthinkError(f"bad config for task '{spec.name}': {e} ({given}); {settings_hint(spec.name)}") from None
     return [ds[i] for i in range(size)]
+
+
+def settings_hint(name: str) -> str:
+    """What to do about a task's generator settings: the list form that carries them and the fields its
+    reasoning-gym config takes."""
+    import dataclasses
+
+    from reasoning_gym.factory import DATASETS
+
+    fields = [f.name for f in dataclasses.fields(DATASETS[name][1]) if f.name not in ("seed", "size")]
+    return (f"set its generator settings as task: [{{name: {name}, config: {{...}}}}] in the YAML (fields: "
+            f"{', '.join(fields) or 'none'})")
 
 
 def split_counts(specs: Sequence[TaskSpec], n: int) -> list[int]:
@@ -115,17 +128,24 @@ def split_counts(specs: Sequence[TaskSpec], n: int) -> list[int]:
 
 def _balanced(entries: list[dict], n: int, rng: random.Random) -> list[dict] | None:
     """n entries with (as near as possible) equal counts per gold answer class; None when the task has no
-    small answer set."""
+    small answer set. A class with too few entries (a skewed task such as letter_counting, where a count of 9 is
+    rare) gives all it has and the other classes share its shortfall equally."""
     classes = Counter(e["answer"] for e in entries)
     if None in classes or not 2 <= len(classes) <= 10:
         return None
     per = {c: [e for e in entries if e["answer"] == c] for c in classes}
-    want = split_counts([TaskSpec(str(c)) for c in per], n)
+    want = dict(zip(per, split_counts([TaskSpec(str(c)) for c in per], n)))
+    short = sum(max(0, k - len(per[c])) for c, k in want.items())
+    while short:  # hand the shortfall out one by one to classes that still have entries to give
+        spare = [c for c in per if len(per[c]) > want[c]]
+        if not spare:
+            return None  # fewer than n entries in all
+        for c in spare[:short]:
+            want[c] += 1
+        short -= len(spare[:short])
     out = []
-    for (c, items), k in zip(per.items(), want):
-        if len(items) < k:
-            raise SmolthinkError(f"not enough '{c}' answers to balance {n} items")
-        out += items[:k]
+    for c, items in per.items():
+        out += items[: min(want[c], len(items))]
     rng.shuffle(out)
     return out
 
@@ -187,6 +207,18 @@ def spec_for(example: Example, specs: Sequence[TaskSpec]) -> TaskSpec:
         if s.name == example.task:
             return s
     return TaskSpec(example.task)
+
+
+def reference_answer(ex: Example) -> str:
+    """One answer that scores as correct: the gold answer, or for checker-verified tasks (gold None, e.g.
+    propositional_logic) the valid answer the item's metadata gives (what a teacher is told, and what a
+    format-only trace answers)."""
+    if ex.answer is not None:
+        return str(ex.answer)
+    meta = ex.entry.get("metadata") or {}
+    if meta.get("example_answer") is not None:
+        return str(meta["example_answer"])
+    raise SmolthinkError(f"task '{ex.task}' has no gold answer and no metadata example_answer to hint with")
 
 
 def strict_match(answer: str | None, gold: str | None) -> bool:
