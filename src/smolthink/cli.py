@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     da = sub.add_parser("data", help="write verified warm-up traces (JSONL of chat messages)")
     add_config_args(da)
-    da.add_argument("--source", default=None, choices=["scripted", "teacher", "api"], help="data.source")
+    da.add_argument("--source", default=None, choices=["auto", "scripted", "teacher", "api"], help="data.source")
     da.add_argument("--task", default=None)
     da.add_argument("--n", type=int, default=None, help="traces to keep (data.num_traces)")
     da.add_argument("--out", default="traces.jsonl")

@@ -52,7 +52,9 @@ class DataConfig:
     """Warm-up traces: where they come from and how many (`smolthink data`, the pipeline, `smolthink sft`)."""
 
     path: str = opt("", "traces JSONL to train SFT on (empty: generate them from `source`)")
-    source: str = opt("scripted", "scripted | teacher | api", choices=("scripted", "teacher", "api"))
+    source: str = opt("auto", "auto (per task: the scripted solver where one exists, else the local teacher, topped up "
+                      "with format-only traces) | scripted | teacher | api",
+                      choices=("auto", "scripted", "teacher", "api"))
     num_traces: int = opt(1280, "verified traces to keep", ge=1)
     balanced: bool = opt(True, "equal answer classes per task where a task has a small answer set")
     teacher_model: str | None = opt(None, "local teacher for source=teacher (default: the policy's model)")
@@ -60,6 +62,12 @@ class DataConfig:
     temperature: float = opt(0.8, "teacher sampling temperature", gt=0)
     max_new_tokens: int = opt(300, "teacher generation length", ge=1)
     top_up_rounds: int = opt(3, "extra rounds of fresh questions to replace rejected ones", ge=0)
+    teacher_questions: int = opt(64, "source=auto: questions the local teacher tries in all (split over the teacher "
+                                 "tasks by weight; samples_per_question samples each) before format-only top-up; "
+                                 "about 2 s a question on 2 cores with the embedded model", ge=0)
+    format_only_top_up: bool = opt(True, "source=auto: fill a teacher task's shortfall with short format-only traces "
+                                   "(the question restated, then the verified answer), labelled format_only; off: "
+                                   "a task no teacher trace verifies for stops the data stage")
     api_base_url: str | None = opt(None, "OpenAI-compatible base URL for source=api (default $OPENAI_BASE_URL)")
     api_model: str | None = opt(None, "API model name (default $OPENAI_MODEL; key from $OPENAI_API_KEY)")
     api_concurrency: int = opt(8, "concurrent API requests", ge=1, le=256)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..data_auto import yield_lines
 from ..log import fmt_duration
 from .answers import AnswerDist, collapse_message
 from .context import EvalRow, ReportContext
@@ -101,6 +102,7 @@ def summary_section(ctx: ReportContext) -> list[str]:
                    + (f", rejection rate {pct(stats['rejection_rate'])}" if is_num(stats.get("rejection_rate"))
                       else "")
                    + (f" ({reasons})" if reasons else ""))
+        out += [f"  - {line}" for line in yield_lines(stats)]
     return out + [""]
 
 
