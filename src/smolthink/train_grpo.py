@@ -27,6 +27,7 @@ from .rewards import load_functions, score_completions
 from .rundir import write_jsonl
 from .runtime import load_policy, render_prompts, trim_heap
 from .seeds import derive_seed
+from .task_metrics import per_task_metrics
 from .tasks import parse_tasks, train_eval_split
 from .types import Example, RewardParts, Rollout, SamplingParams
 
@@ -142,6 +143,7 @@ def collect_experience(ctx: GRPOContext, state: LoopState) -> Fill:
         all_rollouts += [r for row in rollouts for r in row]
     stats = fill_stats(cfg, all_parts, all_rollouts, time.time() - t0)
     stats.update(group_metrics(groups))
+    stats.update(per_task_metrics(groups, all_parts, [s.name for s in ctx.specs]))
     stats.update({"rollout/batches": float(batches), "rollout/extra_batches": float(batches - min_batches)})
     stats.update(ctx.source.metrics(groups))
     return Fill(exps, stats, samples, groups)
