@@ -106,7 +106,12 @@ def pipeline_run(root: Path, stop_after_sft: bool = False, final_yes_share: floa
         write_json(run / "final_eval" / "eval.json", final)
         write_jsonl(run / "final_eval" / "completions.jsonl", completions(200, final_yes_share, 0.625))
         mark_done(run / "final_eval", 0.1)
-        timings.update(grpo=1200.0, final_eval=0.1)
+        for model, (a1, a2) in {"base": (0.12, 0.5), "final": (0.02, 0.5)}.items():
+            write_json(run / "transfer" / f"{model}.json", {"task": "aiw,gcd", "n": 100, "per_task": {
+                "aiw": {"n": 50, "accuracy": a1, "accuracy_ci95": [a1 / 2, a1 * 2], "format_rate": 0.9},
+                "gcd": {"n": 50, "accuracy": a2, "accuracy_ci95": [0.36, 0.64], "format_rate": 0.8}}})
+        mark_done(run / "transfer", 30.0)
+        timings.update(grpo=1200.0, final_eval=0.1, transfer=30.0)
     if with_control:
         control_stages(run, timings)
     write_json(run / "timings.json", timings)

@@ -172,3 +172,13 @@ def test_verdict_needs_non_overlapping_intervals():
     assert verdict(grpo, {"accuracy": 0.8, "accuracy_ci95": [0.76, 0.84]}).startswith("**The RL gain is real:**")
     assert verdict(grpo, {"accuracy": 0.88, "accuracy_ci95": [0.85, 0.91]}).startswith("**No RL gain shown:**")
     assert verdict(grpo, {"accuracy": 0.97, "accuracy_ci95": [0.95, 0.99]}).startswith("**Equal-time SFT wins:**")
+
+
+def test_pipeline_report_transfer_table(tmp_path):
+    md = write_report(pipeline_run(tmp_path)).read_text()
+    assert "## Transfer to tasks outside the training mixture" in md
+    assert ("| aiw | 50 | 0.120 [0.060, 0.240] | 0.020 [0.010, 0.040] | -10.0 | lower: forgot | 0.900 | 0.900 |"
+            in md)
+    assert "| gcd | 50 | 0.500 [0.360, 0.640] | 0.500 [0.360, 0.640] | +0.0 | intervals overlap | 0.800 | 0.800 |" in md
+    assert "| transfer | done | 30s |" in md
+    assert "## Per task" not in md  # a single-task run has no per-task breakdown

@@ -111,6 +111,16 @@ class PassKConfig:
     top_p: float = opt(0.95, "nucleus sampling", gt=0, le=1)
 
 
+@dataclass
+class TransferConfig:
+    """The transfer table (pipeline stage `transfer`): the base and the final model on reasoning-gym tasks outside
+    the training mixture, so a model that learned one task and forgot how to answer others shows."""
+
+    tasks: list[str] = opt(["letter_counting", "aiw", "gcd"], "tasks to evaluate (any in the training mixture are "
+                           "skipped; []: none); short answers the base model's prose sometimes gets right")
+    n: int = opt(50, "questions per transfer task (the eval section's other settings apply)", ge=1)
+
+
 # ----------------------------------------------------------------------------------------------- stages
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -220,6 +230,7 @@ class PipelineConfig(RunArgs):
     eval: EvalConfig = section(EvalConfig, "held-out eval of every stage")
     reward: RewardConfig = section(RewardConfig, "reward parts and the task scorer")
     data: DataConfig = section(DataConfig, "warm-up traces")
+    transfer: TransferConfig = section(TransferConfig, "base vs final model on tasks outside the mixture")
     sft: dict = opt({}, "SFTConfig overrides for the SFT stage")
     grpo: dict = opt({}, "GRPOConfig overrides for the GRPO stage")
     sft_control: bool = opt(True, "run the SFT-only control: SFT continued for the GRPO stage's wall time")
@@ -277,6 +288,8 @@ def validate(cfg: Any) -> None:
         from .tasks import parse_tasks
 
         parse_tasks(cfg.task)
+    if isinstance(getattr(cfg, "transfer", None), TransferConfig) and cfg.transfer.tasks:
+        parse_tasks(cfg.transfer.tasks)
     ev = getattr(cfg, "eval", None)
     if isinstance(ev, EvalConfig):
         need(ev.samples == 1 or ev.temperature > 0, "eval.samples > 1 needs eval.temperature > 0 (e.g. 0.7)")

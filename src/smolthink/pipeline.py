@@ -1,7 +1,7 @@
-"""`smolthink pipeline`: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> SFT-only control -> pass@k
--> report, in one run directory (`rundir.PipelineDir`). Each stage writes <stage>/DONE last; a rerun skips
-finished stages and resumes an interrupted one; a stage turned off (`sft_control: false`, `passk.enabled: false`)
-is skipped without a DONE.
+"""`smolthink pipeline`: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> transfer -> SFT-only
+control -> pass@k -> report, in one run directory (`rundir.PipelineDir`). Each stage writes <stage>/DONE last; a
+rerun skips finished stages and resumes an interrupted one; a stage turned off (`sft_control: false`,
+`passk.enabled: false`, `transfer.tasks: []`) is skipped without a DONE.
 
 The control answers "is the RL worth its time?": SFT-only, continued from the SFT stage's final model (merged, with
 a fresh LoRA adapter: the same start and parameterisation GRPO gets) over the same traces (more epochs, not more
@@ -23,6 +23,7 @@ from .errors import SmolthinkError
 from .configlib import config_yaml
 from .log import console, eval_table, fmt_duration
 from .rundir import PIPELINE_STAGES, PipelineDir, atomic_write, write_json
+from .transfer import run_transfer
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ def passk_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
 
 def stage_enabled(cfg: PipelineConfig, stage: str) -> bool:
     """False for a stage the config turns off."""
-    return {"sft_control": cfg.sft_control, "passk": cfg.passk.enabled and cfg.eval.n > 0}.get(stage, True)
+    return {"sft_control": cfg.sft_control, "passk": cfg.passk.enabled and cfg.eval.n > 0,
+            "transfer": bool(cfg.transfer.tasks)}.get(stage, True)
 
 
 def make_report(cfg: PipelineConfig, pipe: PipelineDir) -> None:
@@ -166,7 +168,7 @@ def _resumable(stage_dir: Path) -> bool:
 
 RUNNERS: dict[str, Callable[[PipelineConfig, PipelineDir], None]] = {
     "base_eval": base_eval, "data": make_data, "sft": run_sft, "grpo": run_grpo, "final_eval": final_eval,
-    "sft_control": run_sft_control, "passk": passk_eval, "report": make_report,
+    "transfer": run_transfer, "sft_control": run_sft_control, "passk": passk_eval, "report": make_report,
 }
 
 

@@ -11,6 +11,7 @@ Pipeline run directory:
     base_eval/eval.json (+ completions.jsonl)   data/traces.jsonl  data/stats.json
     sft/  grpo/  sft_control/  (stage run directories)   final_eval/eval.json (+ completions.jsonl)
     passk/{sft,grpo,sft_control}.json (+ .completions.jsonl)
+    transfer/base.json  transfer/final.json (+ .completions.jsonl)
 
 DONE is written last by whoever finishes a stage, and always holds the same JSON: {"seconds": wall seconds,
 "steps": optimizer steps or null}.
@@ -253,7 +254,8 @@ class RunDir:
         return mark_done(self.root, seconds, steps)
 
 
-PIPELINE_STAGES = ("base_eval", "data", "sft", "grpo", "final_eval", "sft_control", "passk", "report")
+PIPELINE_STAGES = ("base_eval", "data", "sft", "grpo", "final_eval", "transfer", "sft_control", "passk",
+                   "report")
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,14 @@ class PipelineDir:
     def passk_completions(self, model: str) -> Path:
         """passk/<model>.completions.jsonl: every sample of that eval."""
         return self.stage("passk") / f"{model}.completions.jsonl"
+
+    def transfer_eval(self, model: str) -> Path:
+        """transfer/<model>.json: the base or final model on the tasks outside the mixture (per_task inside)."""
+        return self.stage("transfer") / f"{model}.json"
+
+    def transfer_completions(self, model: str) -> Path:
+        """transfer/<model>.completions.jsonl: every transfer prompt, completion and score of that model."""
+        return self.stage("transfer") / f"{model}.completions.jsonl"
 
     def done(self, stage: str) -> dict[str, Any] | None:
         """A stage's DONE record, or None while unfinished."""

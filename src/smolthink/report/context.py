@@ -8,8 +8,8 @@ from typing import Any
 
 from ..rundir import PipelineDir, RunDir
 from .answers import AnswerDist, answer_distribution
-from .load import (RESULT_STAGES, EvalPoint, Stage, load_stage, load_stage_eval, read_json, read_yaml, stage_status,
-                   stage_timing)
+from .load import (RESULT_STAGES, EvalPoint, Stage, load_stage, load_stage_eval, load_transfer, read_json, read_yaml,
+                   stage_status, stage_timing)
 
 
 CONTROL_LABEL = "sft_control (equal-time SFT)"
@@ -26,7 +26,7 @@ class EvalRow:
 
 @dataclass
 class ReportContext:
-    """A run directory as the report sees it. The fields from `status` to `data_stats` are pipeline-only; the last
+    """A run directory as the report sees it. The fields from `status` to `transfer` are pipeline-only; the last
     three are derived from the rows and the config."""
 
     run: Path  # as given on the command line
@@ -42,6 +42,7 @@ class ReportContext:
     data_stats: dict[str, Any] | None = None  # data/stats.json
     control: EvalRow | None = None  # the equal-time SFT-only control's last eval (sft_control/)
     passk: dict[str, dict[str, Any]] = field(default_factory=dict)  # passk/<stage>.json by stage (sft, grpo, ...)
+    transfer: dict[str, EvalPoint] = field(default_factory=dict)  # "base" / "final" on the transfer tasks
     dists: dict[str, AnswerDist | None] = field(init=False)  # row label -> predicted answer distribution
     task: str | None = field(init=False)
     model: Any = field(init=False)  # None: the embedded default model
@@ -103,7 +104,7 @@ def _gather_pipeline(pipe: PipelineDir) -> ReportContext:
                          wall_times=wall_times, status=status, stage_evals=stage_evals, timings=timings,
                          data_stats=stats if isinstance(stats, dict) else None,
                          control=EvalRow(CONTROL_LABEL, control.evals[-1]) if control and control.evals else None,
-                         passk={k: v for k, v in passk.items() if isinstance(v, dict)})
+                         passk={k: v for k, v in passk.items() if isinstance(v, dict)}, transfer=load_transfer(pipe))
 
 
 def _gather_single(run: RunDir) -> ReportContext:

@@ -129,6 +129,12 @@ def load_stage_eval(pipe: PipelineDir, stage: str) -> EvalPoint | None:
     return _eval_point(pipe.eval_json(stage), pipe.completions(stage), None)
 
 
+def load_transfer(pipe: PipelineDir) -> dict[str, EvalPoint]:
+    """The transfer stage's evals that exist: {"base": ..., "final": ...}."""
+    points = {m: _eval_point(pipe.transfer_eval(m), pipe.transfer_completions(m), None) for m in ("base", "final")}
+    return {m: p for m, p in points.items() if p is not None}
+
+
 # ----------------------------------------------------------------------------------------------- stages
 
 
@@ -173,7 +179,8 @@ def load_stage(name: str, run: RunDir) -> Stage:
 # a config from before a stage existed does not name it: off).
 OPTIONAL_STAGES = {"sft_control": lambda c: c.get("sft_control") is True,
                    "passk": lambda c: isinstance(c.get("passk"), dict) and c["passk"].get("enabled") is True
-                   and (c.get("eval") or {}).get("n", 1) != 0}
+                   and (c.get("eval") or {}).get("n", 1) != 0,
+                   "transfer": lambda c: isinstance(c.get("transfer"), dict) and bool(c["transfer"].get("tasks"))}
 
 
 def stage_status(pipe: PipelineDir, stage: str, config: dict[str, Any]) -> str:
