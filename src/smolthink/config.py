@@ -57,7 +57,7 @@ class DataConfig:
                       choices=("auto", "scripted", "teacher", "api"))
     num_traces: int = opt(1280, "verified traces to keep", ge=1)
     balanced: bool = opt(True, "equal answer classes per task where a task has a small answer set")
-    teacher_model: str | None = opt(None, "local teacher for source=teacher (default: the policy's model)")
+    teacher_model: str | None = opt(None, "local teacher for source=teacher or auto (default: the policy's model)")
     samples_per_question: int = opt(4, "teacher samples per question (the first that verifies is kept)", ge=1)
     temperature: float = opt(0.8, "teacher sampling temperature", gt=0)
     max_new_tokens: int = opt(300, "teacher generation length", ge=1)
