@@ -21,7 +21,7 @@ DDP's per-backward all-reduce cannot allow; one explicit sum per step can.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 

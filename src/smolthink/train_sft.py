@@ -190,12 +190,12 @@ def resolve_traces(cfg: SFTConfig, run: RunDir, resume: bool, eval_questions: Se
     path = run.traces
     if resume and path.is_file():
         return path
-    from .data import make_traces
+    from .data import make_traces, require_traces
     from .tasks import parse_tasks
 
     log.info("no traces given: writing %d %s traces to %s", cfg.data.num_traces, cfg.data.source, path)
-    make_traces(cfg.data, parse_tasks(cfg.task), cfg.seed, path, exclude_questions=eval_questions, reward=cfg.reward,
-                policy_model=cfg.model)
+    require_traces(make_traces(cfg.data, parse_tasks(cfg.task), cfg.seed, path, exclude_questions=eval_questions,
+                               reward=cfg.reward, policy_model=cfg.model))
     return path
 
 
@@ -208,8 +208,9 @@ def setup(cfg: SFTConfig, run: RunDir, resume: bool) -> SFTContext:
     start_process(cfg)
     eval_q = [e.question for e in eval_examples(parse_tasks(cfg.task), cfg.eval, cfg.seed)]
     traces = parallel.from_main(lambda: resolve_traces(cfg, run, resume, eval_q))
+    rows = load_traces(traces)  # a bad file fails before the model loads
     model, tok = load_policy(cfg)
-    exps, data_stats = build_experiences(tok, load_traces(traces), cfg.max_length, eval_q)
+    exps, data_stats = build_experiences(tok, rows, cfg.max_length, eval_q)
     if not exps:
         raise SmolthinkError(f"no usable traces in {traces} ({data_stats['dropped_too_long']} longer than "
                              f"max_length={cfg.max_length}, {data_stats['dropped_eval_overlap']} eval questions)")
