@@ -1,7 +1,6 @@
 """A tiny-model pipeline run produces every artifact (the equal-time SFT control and pass@k included), a report with
 its sections and plots, and skips finished stages on rerun."""
 import json
-import os
 import signal
 
 import pytest
@@ -61,15 +60,13 @@ def test_pipeline_smoke_and_stage_skipping(tmp_path, tiny_dir):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stopped_stage_is_not_done_and_later_stages_wait(tmp_path, tiny_dir, monkeypatch, sig, capsys):
-    """A training stage stopped by Ctrl-C/SIGTERM (train_sft returns None after its checkpoint) must not be marked
-    DONE, GRPO must not start on a missing SFT model, and the pipeline exits 128 + the signal (130, 143)."""
+    """A training stage stopped by Ctrl-C/SIGTERM (train_sft raises Stopped after its checkpoint) must not be
+    marked DONE, GRPO must not start on a missing SFT model, and the pipeline exits 128 + the signal (130, 143)."""
     import smolthink.train_sft
+    from smolthink.errors import Stopped
 
-    def stopped_by_signal(*a, **k):  # what the harness does: its own handler takes the signal, then it returns
-        previous = signal.signal(sig, lambda *_: None)
-        os.kill(os.getpid(), sig)
-        signal.signal(sig, previous)
-        return None
+    def stopped_by_signal(*a, **k):  # what the harness's finish does once its handler took the signal
+        raise Stopped("stopped at step 1, checkpoint saved", int(sig))
 
     monkeypatch.setattr(smolthink.train_sft, "train_sft", stopped_by_signal)
     run = tmp_path / "run"

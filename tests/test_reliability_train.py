@@ -19,7 +19,7 @@ from smolthink.checkpoint import MANIFEST, newest_intact, save_checkpoint, write
 from smolthink.cli import main
 from smolthink.config import SFTConfig, build_config
 from smolthink.configlib import config_yaml
-from smolthink.errors import SmolthinkError
+from smolthink.errors import SmolthinkError, Stopped
 from smolthink.report.load import read_jsonl
 from smolthink.train_sft import train_sft
 
@@ -267,7 +267,8 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(tmp_path, tiny
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    assert train_sft(cfg, out, on_step=sigterm_at_3) is None
+    with pytest.raises(Stopped):
+        train_sft(cfg, out, on_step=sigterm_at_3)
     ckpts = out / "checkpoints"
     w = ckpts / "step_000003" / "trainable.safetensors"
     w.write_bytes(w.read_bytes()[:100])

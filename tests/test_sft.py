@@ -3,10 +3,12 @@ import json
 import os
 import signal
 
+import pytest
 import torch
 
 from smolthink.chat import SYSTEM_PROMPT
 from smolthink.config import SFTConfig, build_config
+from smolthink.errors import Stopped
 from smolthink.train_sft import build_experiences, tokenize_messages, train_sft
 
 FAST = {"threads": 2, "eval.n": 0, "minibatch_size": 4, "warmup_steps": 1, "log_every": 1, "max_length": 512}
@@ -74,7 +76,8 @@ def test_resume_after_sigterm_is_exact(tmp_path, tiny_dir, traces):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    assert train_sft(cfg, split, on_step=sigterm_at_2) is None
+    with pytest.raises(Stopped):
+        train_sft(cfg, split, on_step=sigterm_at_2)
     assert (split / "checkpoints" / "step_000002").is_dir() and not (split / "DONE").exists()
     assert train_sft(cfg, split, resume=True) is not None
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in rows]

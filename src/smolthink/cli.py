@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .configlib import flag_type
-from .errors import SmolthinkError, Stopped, run_reported
+from .errors import SmolthinkError, run_reported
 from .rundir import PipelineDir, RunDir, writable_dir, writable_file
 
 log = logging.getLogger("smolthink")
@@ -81,15 +81,14 @@ def resolve_run_dir(args: argparse.Namespace, kind: str) -> tuple[Path, bool]:
 
 
 def run_stage(args: argparse.Namespace, kind: str, cls: type, train) -> None:
-    """One training stage from the command line: run directory, config, then `train(cfg, out, resume=)`; a run
-    that a signal stopped (train returns None after its checkpoint) ends the command as Stopped."""
+    """One training stage from the command line: run directory, config, then `train(cfg, out, resume=)` (a run
+    that a signal stopped raises Stopped after its checkpoint)."""
     out, resume = resolve_run_dir(args, kind)
     cfg = load_command_config(cls, args, STAGE_FLAGS)
     if not resume:
         writable_dir(out, "run directory")
     log.info("run directory: %s", out)
-    if train(cfg, out, resume=resume) is None:
-        raise Stopped(f"the run ended before its last step (checkpoint saved); continue with --resume {out}")
+    train(cfg, out, resume=resume)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

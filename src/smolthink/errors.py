@@ -3,14 +3,12 @@ command into one line on stderr and an exit code: a traceback reaches the termin
 unexpected one goes to a log file whose path the line gives."""
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 
 class SmolthinkError(Exception):
@@ -21,30 +19,14 @@ class Stopped(Exception):
     """A run that Ctrl-C or SIGTERM stopped before its end, its progress saved: the command exits 128 + the
     signal's number (130, 143), as a shell reports a process that signal ended, so a script sees it unfinished."""
 
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum  # the signal that stopped it (None: another process of a multi-process run)
+
 
 # Exit codes: 2 for a SmolthinkError (bad input, like argparse's usage errors), 1 for the machine's refusals
 # (I/O, memory) and for bugs.
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
-
-
-@contextlib.contextmanager
-def signals_seen() -> Iterator[list[int]]:
-    """Collect the numbers of the signals delivered while the block runs, whichever Python handler took them
-    (a training run installs its own for Ctrl-C / SIGTERM and removes them before the command learns it was
-    stopped): the interpreter writes each one's number to the wakeup fd. The list fills when the block exits."""
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    os.set_blocking(write_fd, False)
-    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    seen: list[int] = []
-    try:
-        yield seen
-    finally:
-        signal.set_wakeup_fd(previous)
-        with contextlib.suppress(BlockingIOError):
-            seen += os.read(read_fd, 4096)
-        os.close(read_fd)
-        os.close(write_fd)
 
 
 def first_line(e: BaseException) -> str:
@@ -77,8 +59,7 @@ def run_reported(command: Callable[[], None], debug: bool = False) -> int:
         print(f"smolthink: {line}", file=sys.stderr)
 
     try:
-        with signals_seen() as seen:
-            command()
+        command()
         return 0
     except KeyboardInterrupt:
         say("interrupted")
@@ -87,9 +68,8 @@ def run_reported(command: Callable[[], None], debug: bool = False) -> int:
         if debug:
             traceback.print_exc()
         if isinstance(e, Stopped):
-            stops = [s for s in seen if s in (signal.SIGINT, signal.SIGTERM)]
             say(f"stopped: {e}")
-            return 128 + stops[-1] if stops else EXIT_FAILURE
+            return 128 + e.signum if e.signum else EXIT_FAILURE
         if isinstance(e, SmolthinkError):
             say(f"error: {e}")
             return EXIT_USAGE

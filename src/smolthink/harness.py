@@ -33,7 +33,7 @@ from . import parallel
 from .checkpoint import MANIFEST, Checkpoint, newest_intact, rng_state, save_checkpoint, step_dirs
 from .config import StageConfig
 from .configlib import config_yaml
-from .errors import SmolthinkError
+from .errors import SmolthinkError, Stopped
 from .evaluate import Evaluator, eval_metrics, make_evaluator
 from .log import MetricsWriter, console, eval_table
 from .onednn import OneDNNLinears
@@ -214,15 +214,14 @@ class TrainingRun:
                                  f"loss or gradient (max_nonfinite_steps={limit}); lower learning_rate, or check "
                                  f"the data and reward functions")
 
-    def finish(self, step: int, title: str) -> dict[str, Any] | None:
-        """The end: checkpoint; when stopped by a signal say how to continue and return None; else the final eval
-        ({} without one), the final model (peft adapter + merged) and DONE -> the final eval summary. The
+    def finish(self, step: int, title: str) -> dict[str, Any]:
+        """The end: checkpoint; when stopped by a signal raise Stopped (saying how to continue); else the final
+        eval ({} without one), the final model (peft adapter + merged) and DONE -> the final eval summary. The
         checkpoint refuses non-finite weights, so a NaN model never reaches final/."""
         self.save()
         if self.stopping:
-            log.warning("%s: checkpoint saved at step %d; continue with --resume %s", self.stop_signal, step,
-                        self.run.root)
-            return None
+            signum = signal.Signals[self.stop_signal].value if self.stop_signal else None
+            raise Stopped(f"stopped at step {step}, checkpoint saved; continue with --resume {self.run.root}", signum)
         ctx, final = self.ctx, {}
         if ctx.cfg.eval.n > 0:
             final = run_eval(ctx, step)

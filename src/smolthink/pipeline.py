@@ -29,11 +29,14 @@ from .transfer import run_transfer
 log = logging.getLogger(__name__)
 
 
-def stopped(stage: str, pipe: PipelineDir) -> Stopped:
-    """The error that ends the pipeline when Ctrl-C / SIGTERM stopped a training stage early, after its checkpoint
-    (the stage is not DONE: a rerun resumes it)."""
-    return Stopped(f"the {stage} stage stopped before its end (checkpoint saved); rerun "
-                   f"`smolthink pipeline --out {pipe.root}` to continue")
+def train_stage(stage: str, pipe: PipelineDir, train: Callable[[], Any]) -> None:
+    """Run a training stage; Ctrl-C / SIGTERM stopping it early (after its checkpoint; not DONE, so a rerun
+    resumes it) ends the pipeline with a Stopped that says how to continue."""
+    try:
+        train()
+    except Stopped as e:
+        raise Stopped(f"the {stage} stage stopped before its end (checkpoint saved); rerun "
+                      f"`smolthink pipeline --out {pipe.root}` to continue", e.signum) from None
 
 
 def eval_questions(cfg: PipelineConfig) -> list[str]:
@@ -78,8 +81,7 @@ def run_sft(cfg: PipelineConfig, pipe: PipelineDir) -> None:
 
     sft_cfg = stage_config(cfg, SFTConfig, **{"eval.at_start": False, "data.path": str(pipe.traces)})
     out = pipe.stage("sft")
-    if train_sft(sft_cfg, out, resume=_resumable(out)) is None:
-        raise stopped("sft", pipe)
+    train_stage("sft", pipe, lambda: train_sft(sft_cfg, out, resume=_resumable(out)))
 
 
 def run_grpo(cfg: PipelineConfig, pipe: PipelineDir) -> None:
@@ -89,8 +91,7 @@ def run_grpo(cfg: PipelineConfig, pipe: PipelineDir) -> None:
     grpo_cfg = stage_config(cfg, GRPOConfig, **{"eval.at_start": False,
                                                 "model": str(pipe.run("sft").final_merged)})
     out = pipe.stage("grpo")
-    if train(grpo_cfg, out, resume=_resumable(out)) is None:
-        raise stopped("grpo", pipe)
+    train_stage("grpo", pipe, lambda: train(grpo_cfg, out, resume=_resumable(out)))
 
 
 def final_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
@@ -119,8 +120,7 @@ def run_sft_control(cfg: PipelineConfig, pipe: PipelineDir) -> None:
                                      "max_seconds": float(budget)})
     log.info("sft_control: SFT from %s for %s (the grpo stage's wall time)", start, fmt_duration(budget))
     out = pipe.stage("sft_control")
-    if train_sft(ctl_cfg, out, resume=_resumable(out)) is None:
-        raise stopped("sft_control", pipe)
+    train_stage("sft_control", pipe, lambda: train_sft(ctl_cfg, out, resume=_resumable(out)))
 
 
 def passk_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:

@@ -364,9 +364,9 @@ def describe(cfg: GRPOConfig, d: dict[str, Any]) -> None:
 # the loop
 # ---------------------------------------------------------------------------------------------------------------
 
-def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any] | None:
-    """Run GRPO for cfg.max_steps optimizer steps into out_dir; returns the final eval summary ({} when eval.n
-    is 0), or None when stopped by Ctrl-C / SIGTERM (a checkpoint is saved; continue with resume=True)."""
+def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Run GRPO for cfg.max_steps optimizer steps into out_dir -> the final eval summary ({} when eval.n is 0);
+    raises errors.Stopped when Ctrl-C / SIGTERM stopped it (a checkpoint is saved; continue with resume=True)."""
     with training_run(out_dir, resume) as tr:
         # ---- 1. set-up: data, policy, engine, scorer, optimizer ----
         ctx = setup(cfg, tr.run)

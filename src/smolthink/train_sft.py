@@ -275,9 +275,9 @@ def describe(ctx: SFTContext) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False,
-              on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
-    """Run warm-up SFT into out_dir; returns the final eval summary ({} when eval.n == 0), or None when stopped
-    by a signal (a checkpoint is saved; continue with resume=True). `on_step(step, metrics)` runs after each
+              on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run warm-up SFT into out_dir -> the final eval summary ({} when eval.n == 0); raises errors.Stopped when a
+    signal stopped it (a checkpoint is saved; continue with resume=True). `on_step(step, metrics)` runs after each
     optimizer step (progress hooks, tests)."""
     with training_run(out_dir, resume) as tr:
         # ---- 1. set-up: eval set, traces, policy, optimizer ----
