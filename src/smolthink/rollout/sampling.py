@@ -1,5 +1,6 @@
 """Next-token sampling for the fast engine: temperature, top-k and exact top-p on logits, then one token per row by
-inverse CDF from caller-supplied uniforms (so the caller owns the RNG and the same uniforms give the same tokens).
+inverse CDF from caller-supplied uniforms (so the caller owns the RNG and the same uniforms give the same tokens);
+the sampled tokens' log-probabilities.
 
 Pure tensor functions: no model, no state.
 """
@@ -66,6 +67,13 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, u: torch.Tenso
     if bool(over.any()):
         pick[over] = (probs[over] > 0).cumsum(-1).argmax(-1)
     return pick if cand is None else cand.gather(1, pick.unsqueeze(1)).squeeze(1)
+
+
+def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature)[token] of each row: logits [B, V] (fp32), tokens [B] -> [B] fp32. The
+    distribution before any top-k / top-p cut, as the trainer scores the token."""
+    scores = logits / temperature
+    return scores.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scores, -1)
 
 
 def _keep_from_cum(cum: torch.Tensor, top_p: float) -> torch.Tensor:
