@@ -39,7 +39,7 @@ from ..types import Rollout, SamplingParams
 from .base import group_rollouts
 from .llama import (UnsupportedModelError, Weights, check_supported, decode_step, effective_weight, extract_weights,
                     linear_dtype, prefill)
-from .sampling import sample_tokens, sampled_logprobs
+from .sampling import sample_tokens
 
 NEG_INF = float("-inf")
 
@@ -252,10 +252,9 @@ class FastEngine:
         B = slots.live
         ts = time.perf_counter()
         u = torch.rand(B, generator=gen, dtype=torch.float64)
-        slots.tok[:B] = sample_tokens(slots.logits, sampling, u, self.top_p_k)
+        slots.tok[:B], lp = sample_tokens(slots.logits, sampling, u, self.top_p_k)
         if logp is not None:
-            logp[slots.orig[:B], slots.done_t[:B]] = sampled_logprobs(slots.logits, slots.tok[:B],
-                                                                      sampling.temperature)
+            logp[slots.orig[:B], slots.done_t[:B]] = lp
         stats["sample_s"] += time.perf_counter() - ts
         out[slots.orig[:B], slots.done_t[:B]] = slots.tok[:B]
         slots.done_t[:B] += 1
