@@ -100,6 +100,22 @@ def test_bf16_top_logits_are_recomputed_in_fp32():
     assert (z - exact).abs().max() > 1e-3  # the tail keeps its bf16 rounding: the test above means something
 
 
+def test_top_indices_finds_the_same_entries_as_topk():
+    from smolthink.rollout.llama import top_indices
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 8192, generator=g)
+    z[3, 1000:1010] = 50.0 + torch.arange(10.0)  # the top entries crowd into one block
+    z[5, ::256] = 40.0  # one in every block
+    for k in (1, 5, 16):
+        want = z.topk(k, dim=-1).values
+        got = top_indices(z, k, block=128)
+        assert got.shape == (7, k)
+        torch.testing.assert_close(z.gather(1, got).sort(-1, descending=True).values, want, rtol=0, atol=0)
+        assert all(len(set(r)) == k for r in got.tolist())  # k distinct columns
+    assert torch.equal(top_indices(z[:, :96], 4), z[:, :96].topk(4, dim=-1).indices)  # too few blocks: plain
+
+
 @needs_bf16
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bf16_greedy_tokens_agree_with_fp32_on_a_tiny_model(seed):

@@ -286,9 +286,23 @@ def _logits(w: Weights, x: torch.Tensor) -> torch.Tensor:
     h = F.rms_norm(x, (x.shape[-1],), w.norm, w.eps)  # [B, D] fp32
     z = w.linear(h, w.lm_head).float()  # [B, V]
     if w.head_f32 is not None:
-        top = z.topk(min(REFINED, z.shape[1]), dim=-1).indices  # [B, k]
+        top = top_indices(z, min(REFINED, z.shape[1]))  # [B, k]
         z.scatter_(1, top, torch.einsum("bd,bkd->bk", h, w.head_f32[top]))
     return z
+
+
+def top_indices(z: torch.Tensor, k: int, block: int = 256) -> torch.Tensor:
+    """Indices [B, k] of the k largest entries of each row of z [B, V], in two cheap stages: the k blocks of
+    `block` columns with the largest maxima hold every one of them (a top-k entry's block has a maximum at least
+    as large as the k-th largest entry), so topk runs over k * block columns, not V. torch's CPU topk is a slow
+    scalar scan, a block amax a vectorised one: ~4x less time on [48, 49152]. Plain topk when V does not split
+    into enough blocks."""
+    B, V = z.shape
+    if V % block or V < 4 * k * block:
+        return z.topk(k, dim=-1).indices
+    blocks = z.view(B, V // block, block).amax(-1).topk(k, dim=-1).indices  # [B, k]
+    cols = (blocks[:, :, None] * block + torch.arange(block)).view(B, k * block)  # [B, k * block]
+    return cols.gather(1, z.gather(1, cols).topk(k, dim=-1).indices)
 
 
 def prefill(w: Weights, ids: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, col: int,
