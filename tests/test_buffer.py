@@ -206,3 +206,33 @@ def test_collate_shared_masks_from_lengths_and_one_prompt_only():
     assert b.advantages.tolist() == [0.0, 3.0] and b.completion_lens == [3, 1]
     with pytest.raises(ValueError, match="share one prompt"):
         buf.collate_shared([0, 1], pad_id=EOS)
+
+
+def test_engine_logp_is_padded_like_old_logp_and_survives_a_checkpoint():
+    buf, data = make_buffer()
+    assert buf.collate([0, 1], pad_id=EOS).engine_logp is None  # an engine without log-probs
+    for k, e in enumerate(buf.items):
+        e.engine_logp = torch.arange(len(e.completion_ids), dtype=torch.float32) * 0.5 - k
+    b = buf.collate([0, 2], pad_id=EOS)
+    assert b.engine_logp.shape == b.old_logp.shape
+    comp = b.completion_mask.bool()
+    assert b.engine_logp[0][comp[0]].tolist() == [0.0, 0.5, 1.0]
+    assert b.engine_logp[1][comp[1]].tolist() == [-2.0, -1.5, -1.0, -0.5]
+    assert b.engine_logp[~comp].abs().sum() == 0
+    buf.add(Experience([5, 6, 7], [EOS], torch.tensor([-1.5]), 3.0, 0.0, engine_logp=torch.tensor([-1.25])))
+    s = buf.collate_shared([0, 4], pad_id=EOS)
+    assert s.engine_logp.tolist() == [[0.0, 0.5, 1.0], [-1.25, 0.0, 0.0]]
+    other = ExperienceBuffer()
+    other.load_state_dict(buf.state_dict())
+    assert torch.equal(other.items[4].engine_logp, torch.tensor([-1.25]))
+    state = buf.state_dict()
+    for d in state["items"]:
+        del d["engine_logp"]  # a checkpoint written before the field existed still loads
+    other.load_state_dict(state)
+    assert other.items[0].engine_logp is None
+    buf.items[1].engine_logp = None
+    with pytest.raises(ValueError, match="lack engine_logp"):
+        buf.collate([0, 1], pad_id=EOS)
+    buf.items[1].engine_logp = torch.zeros(4)  # its completion has 1 token
+    with pytest.raises(ValueError, match="engine_logp of item 1"):
+        buf.collate([0, 1], pad_id=EOS)

@@ -44,7 +44,7 @@ def test_sampled_distribution_equals_the_reference(top_p, top_k):
     V, N, temp = 50, 20000, 0.7
     logits = torch.randn(1, V, generator=g) * 2
     u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
-    toks = sample_tokens(logits.expand(N, V), SamplingParams(temperature=temp, top_p=top_p, top_k=top_k), u)
+    toks, _ = sample_tokens(logits.expand(N, V), SamplingParams(temperature=temp, top_p=top_p, top_k=top_k), u)
     freq = torch.bincount(toks, minlength=V).double() / N
     scores = logits[0] / temp
     if top_k:
@@ -56,7 +56,21 @@ def test_sampled_distribution_equals_the_reference(top_p, top_k):
     torch.testing.assert_close(freq, want, atol=2.0 / N, rtol=0)
 
 
+
+@pytest.mark.parametrize("top_p,top_k", [(0.9, 0), (1.0, 0), (0.8, 5), (1.0, 7)])
+def test_sampled_logprobs_are_the_full_distributions(top_p, top_k):
+    """Whatever the cut, each token's log-prob is log softmax(logits / T)[token] over the whole vocabulary."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 40, generator=g) * 4
+    sp = SamplingParams(temperature=0.7, top_p=top_p, top_k=top_k)
+    tok, logp = sample_tokens(logits, sp, torch.rand(64, generator=g, dtype=torch.float64))
+    want = torch.log_softmax(logits / 0.7, -1).gather(1, tok[:, None]).squeeze(1)
+    torch.testing.assert_close(logp, want, atol=1e-5, rtol=1e-5)
+    if top_p < 1 or top_k:
+        assert (want < torch.log_softmax(logits / 0.7, -1).max(-1).values).any()  # not only top-1 tokens drawn
+
+
 def test_greedy_sampling_is_argmax():
     logits = torch.randn(5, 30)
-    tok = sample_tokens(logits, SamplingParams(temperature=0), torch.rand(5, dtype=torch.float64))
-    assert torch.equal(tok, logits.argmax(-1))
+    tok, logp = sample_tokens(logits, SamplingParams(temperature=0), torch.rand(5, dtype=torch.float64))
+    assert torch.equal(tok, logits.argmax(-1)) and logp is None

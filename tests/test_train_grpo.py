@@ -59,6 +59,23 @@ def test_ratio_is_exactly_one_on_policy(tmp_path, tiny_dir):
     run(out, tiny_dir, "max_steps=1", "eval_n=0")
     row = metrics(out)[0]
     assert row["ratio/mean"] == 1.0 and row["clip/frac"] == 0.0
+    assert "rollout/logp_mismatch" not in row  # the hf engine gives no log-probs
+
+
+def test_engine_trainer_logp_mismatch_is_logged_per_step(tmp_path, tiny_dir):
+    """The fp32 fast engine's log-probs equal the trainer's up to summation order, at every step of a fill (two
+    optimizer steps per buffer: the second compares against old_logp, the sampling weights' log-probs, not the
+    updated policy's); bf16 weights move them by bf16 rounding (see test_engine_precision)."""
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    run(fp32, tiny_dir, "max_steps=2", "eval_n=0", "gradient_accumulation_steps=1", "engine=fast",
+        "eval.engine_precision=fp32", *TOY)
+    rows = metrics(fp32)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 <= r["rollout/logp_mismatch"] <= r["rollout/logp_mismatch/max"] < 1e-4
+    run(bf16, tiny_dir, "max_steps=1", "eval_n=0", "engine=fast", "eval.engine_precision=bf16", *TOY)
+    row = metrics(bf16)[0]
+    assert 0 <= row["rollout/logp_mismatch"] <= row["rollout/logp_mismatch/max"] < 1.0
 
 
 def test_off_policy_old_logprobs_match_training_numerics(tmp_path, tiny_dir):

@@ -12,7 +12,9 @@ from torch import Tensor
 @dataclass
 class Experience:
     """One scored completion, unpadded. old_logp [Tc] (Tc = len(completion_ids)): old_logp[j] is the sampling
-    policy's log p(completion_ids[j] | prompt_ids + completion_ids[:j]), or None until computed. completion_ids
+    policy's log p(completion_ids[j] | prompt_ids + completion_ids[:j]) with the training numerics, or None until
+    computed. engine_logp [Tc]: the same log-probs as the rollout engine computed them while sampling
+    (`Rollout.logprobs`), or None when the engine gives none; only compared, never trained on. completion_ids
     end with EOS unless truncated. group: id of the question group the advantage was computed in."""
 
     prompt_ids: list[int]
@@ -23,6 +25,7 @@ class Experience:
     parts: dict[str, float] = field(default_factory=dict)
     truncated: bool = False
     group: int = 0
+    engine_logp: Tensor | None = None
 
 
 @dataclass
@@ -37,12 +40,14 @@ class Batch:
     advantages: Tensor  # [n]
     prompt_lens: list[int]
     completion_lens: list[int]
+    engine_logp: Tensor | None = None  # [n, T] float32 like old_logp, the rollout engine's log-probs
 
     def to(self, device) -> "Batch":
         """The same batch on another device."""
         move = lambda t: t.to(device) if t is not None else None
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
-                     move(self.old_logp), move(self.advantages), self.prompt_lens, self.completion_lens)
+                     move(self.old_logp), move(self.advantages), self.prompt_lens, self.completion_lens,
+                     move(self.engine_logp))
 
 
 @dataclass
@@ -57,12 +62,13 @@ class SharedBatch:
     old_logp: Tensor | None  # [n, C] float32, 0 on padding
     advantages: Tensor  # [n]
     completion_lens: list[int]
+    engine_logp: Tensor | None = None  # [n, C] float32 like old_logp, the rollout engine's log-probs
 
     def to(self, device) -> "SharedBatch":
         """The same batch on another device."""
         move = lambda t: t.to(device) if t is not None else None
         return SharedBatch(move(self.prompt_ids), move(self.completion_ids), move(self.completion_mask),
-                           move(self.old_logp), move(self.advantages), self.completion_lens)
+                           move(self.old_logp), move(self.advantages), self.completion_lens, move(self.engine_logp))
 
 
 def _cheapest_cuts(prompt_len: int, lens: list[int], max_tokens: int) -> list[tuple[int, int]]:
@@ -173,37 +179,39 @@ class ExperienceBuffer:
         n, width = len(items), max(c_lens)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         cmask = torch.zeros((n, width), dtype=torch.long)
-        has_old = self._has_old(items)
-        old = torch.zeros((n, width), dtype=torch.float32) if has_old else None
         for r, (e, c) in enumerate(zip(items, c_lens)):
             ids[r, :c] = torch.tensor(e.completion_ids, dtype=torch.long)
             cmask[r, :c] = 1
-            if old is not None:
-                old[r, :c] = self._old_logp(e, indices[r])
         adv = torch.tensor([e.advantage for e in items], dtype=torch.float32)
-        return SharedBatch(torch.tensor([prompt], dtype=torch.long), ids, cmask, old, adv, c_lens)
+        starts = [0] * n
+        return SharedBatch(torch.tensor([prompt], dtype=torch.long), ids, cmask,
+                           self._token_rows(items, indices, "old_logp", width, starts), adv, c_lens,
+                           self._token_rows(items, indices, "engine_logp", width, starts))
 
     @staticmethod
-    def _has_old(items: list[Experience]) -> bool:
-        """True when every item has old_logp, False when none has; a mix is an error."""
-        n_old = sum(e.old_logp is not None for e in items)
-        if 0 < n_old < len(items):
-            raise ValueError(f"{len(items) - n_old} of {len(items)} items lack old_logp")
-        return n_old == len(items)
-
-    @staticmethod
-    def _old_logp(e: Experience, index: int) -> Tensor:
-        """Item `index`'s old_logp [Tc] as float32 on the CPU, its shape checked."""
-        if e.old_logp.shape != (len(e.completion_ids),):
-            raise ValueError(f"old_logp of item {index} has shape {tuple(e.old_logp.shape)}, "
-                             f"expected ({len(e.completion_ids)},)")
-        return e.old_logp.detach().float().cpu()
+    def _token_rows(items: list[Experience], indices: list[int], attr: str, width: int,
+                    starts: list[int]) -> Tensor | None:
+        """Each item's per-completion-token `attr` ("old_logp" / "engine_logp", [Tc] each) placed at columns
+        starts[r] .. starts[r] + Tc of row r -> [n, width] float32, 0 elsewhere; None when no item has it (a
+        mix is an error)."""
+        have = sum(getattr(e, attr) is not None for e in items)
+        if 0 < have < len(items):
+            raise ValueError(f"{len(items) - have} of {len(items)} items lack {attr}")
+        if have == 0:
+            return None
+        out = torch.zeros((len(items), width), dtype=torch.float32)
+        for r, e in enumerate(items):
+            t, c = getattr(e, attr), len(e.completion_ids)
+            if t.shape != (c,):
+                raise ValueError(f"{attr} of item {indices[r]} has shape {tuple(t.shape)}, expected ({c},)")
+            out[r, starts[r] : starts[r] + c] = t.detach().float().cpu()
+        return out
 
     def collate(self, indices: list[int], pad_id: int) -> Batch:
         """Re-pad the given items into one right-padded Batch (see Batch); T = longest prompt + completion.
 
-        Masks are built from the stored lengths, so a pad id equal to EOS never drops a real EOS. old_logp is
-        returned when every item has it (None when none has; a mix is an error)."""
+        Masks are built from the stored lengths, so a pad id equal to EOS never drops a real EOS. old_logp (and
+        engine_logp) is returned when every item has it (None when none has; a mix is an error)."""
         if not indices:
             raise ValueError("collate needs at least one index")
         items = [self.items[i] for i in indices]
@@ -214,15 +222,13 @@ class ExperienceBuffer:
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         attn = torch.zeros((n, width), dtype=torch.long)
         cmask = torch.zeros((n, width), dtype=torch.long)
-        old = torch.zeros((n, width), dtype=torch.float32) if self._has_old(items) else None
         for r, (e, p, c) in enumerate(zip(items, p_lens, c_lens)):
             ids[r, : p + c] = torch.tensor(e.prompt_ids + e.completion_ids, dtype=torch.long)
             attn[r, : p + c] = 1
             cmask[r, p : p + c] = 1
-            if old is not None:
-                old[r, p : p + c] = self._old_logp(e, indices[r])
         adv = torch.tensor([e.advantage for e in items], dtype=torch.float32)
-        return Batch(ids, attn, cmask, old, adv, p_lens, c_lens)
+        return Batch(ids, attn, cmask, self._token_rows(items, indices, "old_logp", width, p_lens), adv, p_lens,
+                     c_lens, self._token_rows(items, indices, "engine_logp", width, p_lens))
 
     def state_dict(self) -> dict:
         """{"items": [one dict of plain lists / floats / tensors per Experience]}, torch.save-able (loads with

@@ -30,6 +30,9 @@ class EvalConfig:
     temperature: float = opt(0.0, "sampling temperature (0: greedy)", ge=0)
     top_p: float = opt(0.95, "nucleus sampling when temperature > 0", gt=0, le=1)
     batch_size: int = opt(64, "questions per generation batch", ge=1)
+    engine_precision: str = opt("bf16", "fast engine's linear layers for evals and GRPO rollouts: bf16 (fp32 "
+                                "accumulation, norms, attention and sampling; only on CPUs with bf16 dot "
+                                "products, else fp32) | fp32", choices=("bf16", "fp32"))
     every: int = opt(0, "training: evaluate every N optimizer steps (0: only at start and end)", ge=0)
     at_start: bool = opt(True, "training: evaluate before the first step")
 

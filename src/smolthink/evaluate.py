@@ -226,7 +226,8 @@ def make_evaluator(model, tok, specs: Sequence[TaskSpec], cfg: EvalConfig, rewar
     from .runtime import render_prompts
 
     examples = eval_examples(specs, cfg, seed)
-    return Evaluator(tok=tok, engine=make_engine(engine, model, eos_ids(tok, model), tok.pad_token_id),
+    return Evaluator(tok=tok, engine=make_engine(engine, model, eos_ids(tok, model), tok.pad_token_id,
+                                                 precision=cfg.engine_precision),
                      scorer=scorer, specs=specs, examples=examples, prompts=render_prompts(tok, examples), cfg=cfg,
                      reward=reward, prefill=template_prefill(tok), seed=seed)
 

@@ -141,7 +141,8 @@ def collect_experience(ctx: GRPOContext, state: LoopState) -> Fill:
                 exps.append(Experience(prompt_ids=r.prompt_ids, completion_ids=r.completion_ids, old_logp=None,
                                        advantage=float(adv[b, g]), reward=parts[k].total,
                                        parts={"correct": parts[k].correct, "format": parts[k].format},
-                                       truncated=r.truncated, group=state.rollouts * 1000 + b))
+                                       truncated=r.truncated, group=state.rollouts * 1000 + b,
+                                       engine_logp=None if r.logprobs is None else torch.tensor(r.logprobs)))
                 if len(samples) < 12:
                     samples.append({"prompt": examples[b].question, "completion": texts[k],
                                     "gold": examples[b].answer, "reward": parts[k].total,
@@ -231,7 +232,9 @@ def old_logprobs(ctx: GRPOContext, buffer: ExperienceBuffer) -> None:
 
 def chunk_backward(ctx: GRPOContext, batch, n_seqs: int, n_tok: int) -> tuple[float, dict[str, Any]]:
     """Forward and backward of one chunk of a step: per-token log-probs, the clipped surrogate normalised by the
-    whole step's sequence / token counts, gradients accumulated -> (loss value, loss stats)."""
+    whole step's sequence / token counts, gradients accumulated -> (loss value, loss stats, with the
+    engine/trainer log-prob mismatch when the engine gave log-probs: against old_logp, which the sampling weights
+    gave, so later steps of a fill measure numerics, not how far the policy moved since)."""
     cfg = ctx.cfg
     logp, entropy = ctx.packing.logprobs(ctx.model, batch, cfg.temperature, with_entropy=True,
                                          entropy_grad=cfg.entropy_coef != 0)  # [n, T] each
@@ -242,8 +245,20 @@ def chunk_backward(ctx: GRPOContext, batch, n_seqs: int, n_tok: int) -> tuple[fl
                               max_completion_length=cfg.max_completion_length, ref_logp=ref, beta=cfg.beta,
                               entropy=entropy, entropy_coef=cfg.entropy_coef,
                               num_sequences_total=n_seqs, num_tokens_total=n_tok)
+    if batch.engine_logp is not None:  # against the sampling weights' log-probs: numerics, not policy drift
+        stats.update(logp_mismatch(old, batch.engine_logp, batch.completion_mask))
     ctx.accelerator.backward(loss)
     return loss.item(), stats
+
+
+def logp_mismatch(logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """|log p_engine - log p_trainer| over the sampled tokens (mask [n, T] 1 on them; logp, engine_logp [n, T],
+    the same weights and temperature) -> "rollout/logp_mismatch" (token mean) and "rollout/logp_mismatch/max".
+    The sampler's numerics (e.g. bf16 weights) against the trainer's: an off-policy error the ratio never sees."""
+    gap = (logp - engine_logp).abs()[mask.bool()]  # [K]
+    if gap.numel() == 0:
+        return {}
+    return {"rollout/logp_mismatch": gap.mean(), "rollout/logp_mismatch/max": gap.max()}
 
 
 def accumulate(totals: dict[str, float], loss: float, stats: dict[str, Any], weight: float) -> None:

@@ -41,6 +41,10 @@ class Rollout:
     prompt_ids: list[int]
     completion_ids: list[int]
     finish_reason: str  # "stop" (EOS emitted) | "length" (cut at max_new_tokens)
+    # log softmax(z / temperature)[token] of each completion token under the distribution the engine sampled it
+    # from, before top-k / top-p truncation (fp32), so it compares with the trainer's log-probs; None when the
+    # engine does not compute them (HFEngine, greedy decoding)
+    logprobs: list[float] | None = None
 
     @property
     def truncated(self) -> bool:

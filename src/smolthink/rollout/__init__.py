@@ -8,8 +8,9 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def make_engine(name: str, model, eos_ids, pad_id: int):
-    """Engine by name: "hf", "fast", or "auto" (fast when the architecture is supported, else hf)."""
+def make_engine(name: str, model, eos_ids, pad_id: int, precision: str = "bf16"):
+    """Engine by name: "hf", "fast", or "auto" (fast when the architecture is supported, else hf); `precision`
+    ("bf16" | "fp32") is the fast engine's linear-layer precision (HF generate runs the model as it is)."""
     from .hf import HFEngine
 
     on_cpu = next(model.parameters()).device.type == "cpu"
@@ -18,7 +19,7 @@ def make_engine(name: str, model, eos_ids, pad_id: int):
     try:
         from .fast import FastEngine
 
-        engine = FastEngine(eos_ids, pad_id)
+        engine = FastEngine(eos_ids, pad_id, precision=precision)
         if not engine.supports(model):
             raise ValueError(f"unsupported architecture {type(model).__name__}")
         return engine

@@ -13,7 +13,8 @@ class Engine(Protocol):
 
     `model` is passed on every call because the policy changes between rollout phases (an engine may cache
     whatever it derives from the weights, but must refresh it when they change). The result is indexed
-    [prompt][sample]; each Rollout carries exactly the tokens the trainer will score.
+    [prompt][sample]; each Rollout carries exactly the tokens the trainer will score, and their sampling
+    log-probabilities where the engine computes them (`Rollout.logprobs`, else None).
     """
 
     def generate(
@@ -42,14 +43,16 @@ def split_completion(tokens: list[int], eos_ids: set[int], max_new_tokens: int) 
 
 
 def group_rollouts(prompts: Sequence[list[int]], rows: list[list[int]], n: int, eos_ids: set[int],
-                   max_new_tokens: int) -> list[list[Rollout]]:
+                   max_new_tokens: int, logprob_rows: list[list[float]] | None = None) -> list[list[Rollout]]:
     """Generated token rows [len(prompts) * n][>= 0] (the n samples of prompt i at rows i*n .. i*n+n-1), cut at
-    the first EOS -> [prompt][sample] Rollouts."""
+    the first EOS -> [prompt][sample] Rollouts; `logprob_rows` (the same layout, one log-prob per generated
+    token) are cut with them into `Rollout.logprobs`."""
     result = []
     for i, p in enumerate(prompts):
         row = []
         for j in range(n):
             comp, reason = split_completion(rows[i * n + j], eos_ids, max_new_tokens)
-            row.append(Rollout(prompt_ids=list(p), completion_ids=comp, finish_reason=reason))
+            lp = None if logprob_rows is None else logprob_rows[i * n + j][: len(comp)]
+            row.append(Rollout(prompt_ids=list(p), completion_ids=comp, finish_reason=reason, logprobs=lp))
         result.append(row)
     return result

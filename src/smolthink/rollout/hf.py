@@ -11,7 +11,9 @@ from .base import group_rollouts
 
 
 class HFEngine:
-    """Rollouts through `model.generate`. Masks come from lengths, never from the pad id (pad == EOS here)."""
+    """Rollouts through `model.generate`. Masks come from lengths, never from the pad id (pad == EOS here).
+    `Rollout.logprobs` is None: generate's raw logits would cost [steps, rows, vocab] of memory, and this engine
+    runs the model's own forward (in its own precision), so the trainer's log-probs are the reference anyway."""
 
     def __init__(self, eos_ids: Sequence[int], pad_id: int, batch_size: int = 64):
         self.eos_ids = set(int(e) for e in eos_ids)

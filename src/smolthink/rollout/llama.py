@@ -1,5 +1,5 @@
-"""The Llama-family decoder the fast engine runs: fp32 weights read from a transformers model (LoRA folded in) and
-a pure-torch forward over a preallocated KV cache.
+"""The Llama-family decoder the fast engine runs: weights read from a transformers model (LoRA folded in; the
+linear layers in fp32 or bf16) and a pure-torch forward over a preallocated fp32 KV cache.
 
 * `extract_weights(model)` -> `Weights`: q/k/v fused into one matrix, q rows pre-scaled by the attention scaling
   and q/k rows re-ordered so RoPE is one complex multiply (exact re-arrangements, see `Weights`); linear weights
@@ -22,6 +22,9 @@ from ..onednn import onednn_available, onednn_linear, pack_weight
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq does not depend on the sequence length
+# logits recomputed in fp32 under bf16 (see `_logits`): enough to hold every token whose bf16 head output could
+# rank above the row's fp32 maximum (those lie within ~0.3 of it: a handful at most)
+REFINED = 16
 
 
 class UnsupportedModelError(ValueError):
@@ -60,7 +63,8 @@ def effective_weight(module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 @dataclass
 class Layer:
-    """One decoder layer's fp32 weights; the linear ones packed for oneDNN when `Weights.onednn`."""
+    """One decoder layer's weights: norms fp32, the linear ones in `Weights.dtype`, packed for oneDNN when
+    `Weights.onednn`."""
 
     ln1: torch.Tensor
     qkv: torch.Tensor  # [(H + 2 KV) * hd, D]: q rows pre-scaled by the attention scaling; q/k rows interleaved
@@ -78,7 +82,8 @@ class Layer:
 
 @dataclass
 class Weights:
-    """Everything the decoder computes with, in fp32, derived from a model once per generate call.
+    """Everything the decoder computes with, derived from a model once per generate call: the linear layers in
+    `dtype` (their inputs are cast to it, their outputs come in it), everything else in fp32.
 
     Two exact re-arrangements make a decoding step cheaper: the q rows of qkv are multiplied by the attention
     scaling (so scores need no extra multiply), and within each head the q/k rows are reordered from HF's
@@ -98,6 +103,8 @@ class Weights:
     rope_scale: float
     onednn: bool
     vocab: int = 0
+    dtype: torch.dtype = torch.float32  # the linear layers' weights, inputs and outputs (see `extract_weights`)
+    head_f32: torch.Tensor | None = None  # [V, D] the fp32 LM head (the model's own tensor), when dtype is not fp32
     _rot: torch.Tensor | None = field(default=None, repr=False)
 
     def rot(self, n_pos: int) -> torch.Tensor:
@@ -108,27 +115,32 @@ class Weights:
             self._rot = torch.complex(freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale)
         return self._rot
 
-    # linear layers: oneDNN with packed weights (fused epilogues) or F.linear
+    # linear layers: oneDNN with packed weights (fused epilogues) or F.linear, in `dtype`; inputs are cast to it
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, in] @ w^T + b -> [N, out]"""
+        """x [N, in] @ w^T + b -> [N, out] in `dtype`"""
+        x = x.to(self.dtype)
         if self.onednn:
             return onednn_linear(x, w, b)
         return F.linear(x, w, b)
 
     def linear_add(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
-        """linear(x) + other"""
+        """linear(x) + other, in other's dtype (the residual stream stays fp32 under bf16 GEMMs)"""
+        if other.dtype != self.dtype:
+            return other + self.linear(x, w, b)
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise.binary(x, other, w, b, "add")
         return F.linear(x, w, b).add_(other)
 
     def linear_silu(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """silu(linear(x))"""
+        """silu(linear(x)) in `dtype`"""
+        x = x.to(self.dtype)
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "swish", [], "")
         return F.silu(F.linear(x, w, b), inplace=True)
 
     def linear_mul(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
-        """linear(x) * other"""
+        """linear(x) * other in `dtype` (other: the same dtype)"""
+        x = x.to(self.dtype)
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise.binary(x, other, w, b, "mul")
         return F.linear(x, w, b).mul_(other)
@@ -165,6 +177,16 @@ def check_supported(model) -> tuple[torch.nn.Module, object]:
     return base, cfg
 
 
+def linear_dtype(precision: str) -> torch.dtype:
+    """The linear layers' dtype for `precision` ("fp32" | "bf16"): bf16 only where the CPU has bf16 dot products
+    (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16, slower than fp32, so fp32."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def _interleave_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     """Reorder the rows of each head from (0..hd/2-1, hd/2..hd-1) pairs to interleaved (0, hd/2, 1, hd/2+1, ...)."""
     half = head_dim // 2
@@ -173,9 +195,11 @@ def _interleave_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tens
     return w[perm]
 
 
-def extract_weights(model, onednn: bool | None = None, pack_rows: int = 64) -> Weights:
-    """fp32 weights of a Llama-like model (LoRA folded in), rearranged as described in `Weights` and packed for
-    oneDNN when `onednn` (None: when available). The model is not modified."""
+def extract_weights(model, onednn: bool | None = None, pack_rows: int = 64,
+                    dtype: torch.dtype = torch.float32) -> Weights:
+    """The weights of a Llama-like model (LoRA folded in, in fp32, before any rounding), rearranged as described
+    in `Weights`, the linear layers' weights and biases in `dtype` (fp32 or bf16) and packed for oneDNN when
+    `onednn` (None: when available). Embeddings and norm weights stay fp32. The model is not modified."""
     base, cfg = check_supported(model)
     use_dnn = onednn_available() if onednn is None else bool(onednn and onednn_available())
     inner = base.model
@@ -188,8 +212,11 @@ def extract_weights(model, onednn: bool | None = None, pack_rows: int = 64) -> W
         return None if t is None else t.detach().to(torch.float32)
 
     def pack(w):
-        w = w.detach().to(torch.float32).contiguous()
+        w = w.detach().to(dtype).contiguous()
         return pack_weight(w, pack_rows) if use_dnn else w
+
+    def bias(t):
+        return None if t is None else t.detach().to(dtype)
 
     def qkv_part(t, heads, scale):
         """q or k weight/bias rows: interleaved RoPE pairs, q scaled."""
@@ -207,11 +234,11 @@ def extract_weights(model, onednn: bool | None = None, pack_rows: int = 64) -> W
             zeros = [torch.zeros(x.shape[0]) for x in (wq, wk, wv)]
             qkv_b = torch.cat([qkv_part(bq if bq is not None else zeros[0], n_heads, scaling),
                                qkv_part(bk if bk is not None else zeros[1], n_kv, 1.0),
-                               f32(bv) if bv is not None else zeros[2]])
+                               f32(bv) if bv is not None else zeros[2]]).to(dtype)
         layers.append(Layer(
             ln1=f32(layer.input_layernorm.weight), ln2=f32(layer.post_attention_layernorm.weight),
-            qkv=pack(qkv), qkv_b=qkv_b, o=pack(wo), o_b=f32(bo), gate=pack(wg), gate_b=f32(bg),
-            up=pack(wu), up_b=f32(bu), down=pack(wd), down_b=f32(bd)))
+            qkv=pack(qkv), qkv_b=qkv_b, o=pack(wo), o_b=bias(bo), gate=pack(wg), gate_b=bias(bg),
+            up=pack(wu), up_b=bias(bu), down=pack(wd), down_b=bias(bd)))
     embed, _ = effective_weight(inner.embed_tokens)
     head, head_b = effective_weight(base.lm_head)
     if head_b is not None:
@@ -219,9 +246,11 @@ def extract_weights(model, onednn: bool | None = None, pack_rows: int = 64) -> W
     rot = inner.rotary_emb
     return Weights(
         embed=f32(embed).contiguous(), layers=layers, norm=f32(inner.norm.weight), lm_head=pack(head),
+        head_f32=f32(head) if dtype != torch.float32 else None,
         eps=float(getattr(inner.norm, "variance_epsilon", cfg.rms_norm_eps)), n_heads=n_heads, n_kv=n_kv,
         head_dim=head_dim, inv_freq=rot.inv_freq.detach().float().clone(),
-        rope_scale=float(getattr(rot, "attention_scaling", 1.0)), onednn=use_dnn, vocab=embed.shape[0])
+        rope_scale=float(getattr(rot, "attention_scaling", 1.0)), onednn=use_dnn, vocab=embed.shape[0],
+        dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,17 +264,45 @@ def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * rot).view(shape)
 
 
+def _norm(w: Weights, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """RMSNorm of the fp32 residual stream x [N, D] (fp32 statistics) -> [N, D] in the linear layers' dtype."""
+    return F.rms_norm(x, (x.shape[-1],), weight, w.eps).to(w.dtype)
+
+
 def _layer_rest(w: Weights, L: Layer, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
     """x + o_proj(att), then + down(silu(gate) * up) of its norm: the rest of a decoder layer."""
     x = w.linear_add(att, L.o, L.o_b, x)
-    h = F.rms_norm(x, (x.shape[-1],), L.ln2, w.eps)
+    h = _norm(w, x, L.ln2)
     act = w.linear_mul(h, L.up, L.up_b, w.linear_silu(h, L.gate, L.gate_b))
     return w.linear_add(act, L.down, L.down_b, x)
 
 
 def _logits(w: Weights, x: torch.Tensor) -> torch.Tensor:
-    """Final norm and LM head: hidden states x [B, D] -> logits [B, V]."""
-    return w.linear(F.rms_norm(x, (x.shape[-1],), w.norm, w.eps), w.lm_head)
+    """Final norm and LM head: hidden states x [B, D] -> fp32 logits [B, V].
+
+    Under bf16 the `REFINED` largest logits of each row are recomputed in fp32 from the fp32 norm output and the
+    fp32 head rows: a bf16 output rounds logits of ~30 to steps of 0.25, which ties near-equal top tokens (greedy
+    picks the lower id) and moves their log-probs; the tail, whose rounding barely moves the softmax, stays."""
+    h = F.rms_norm(x, (x.shape[-1],), w.norm, w.eps)  # [B, D] fp32
+    z = w.linear(h, w.lm_head).float()  # [B, V]
+    if w.head_f32 is not None:
+        top = top_indices(z, min(REFINED, z.shape[1]))  # [B, k]
+        z.scatter_(1, top, torch.einsum("bd,bkd->bk", h, w.head_f32[top]))
+    return z
+
+
+def top_indices(z: torch.Tensor, k: int, block: int = 256) -> torch.Tensor:
+    """Indices [B, k] of the k largest entries of each row of z [B, V], in two cheap stages: the k blocks of
+    `block` columns with the largest maxima hold every one of them (a top-k entry's block has a maximum at least
+    as large as the k-th largest entry), so topk runs over k * block columns, not V. torch's CPU topk is a slow
+    scalar scan, a block amax a vectorised one: ~4x less time on [48, 49152]. Plain topk when V does not split
+    into enough blocks."""
+    B, V = z.shape
+    if V % block or V < 4 * k * block:
+        return z.topk(k, dim=-1).indices
+    blocks = z.view(B, V // block, block).amax(-1).topk(k, dim=-1).indices  # [B, k]
+    cols = (blocks[:, :, None] * block + torch.arange(block)).view(B, k * block)  # [B, k * block]
+    return cols.gather(1, z.gather(1, cols).topk(k, dim=-1).indices)
 
 
 def prefill(w: Weights, ids: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, col: int,
@@ -261,8 +318,7 @@ def prefill(w: Weights, ids: torch.Tensor, pos: torch.Tensor, cache: torch.Tenso
     mask = (torch.arange(hi)[None, :] <= torch.arange(col, hi)[:, None])[None, None]  # [1, 1, T, hi]
     x = w.embed[ids].view(B * T, -1)
     for li, L in enumerate(w.layers):
-        h = F.rms_norm(x, (x.shape[-1],), L.ln1, w.eps)
-        qkv = w.linear(h, L.qkv, L.qkv_b).view(B, T, H + 2 * KV, hd)
+        qkv = w.linear(_norm(w, x, L.ln1), L.qkv, L.qkv_b).float().view(B, T, H + 2 * KV, hd)  # fp32 cache
         qk = _rope(qkv[:, :, : H + KV], rot)  # [B, T, H + KV, hd]
         kc, vc = cache[li, 0], cache[li, 1]  # [B, KV, L, hd]
         kc[:, :, col:hi] = qk[:, :, H:].transpose(1, 2)
@@ -298,8 +354,7 @@ def decode_step(w: Weights, tok: torch.Tensor, pos: torch.Tensor, prefix: torch.
     rows = slice(0, B) if isinstance(col, int) else torch.arange(B)
     x = w.embed[tok]  # [B, D]
     for li, L in enumerate(w.layers):
-        h = F.rms_norm(x, (x.shape[-1],), L.ln1, w.eps)
-        qkv = w.linear(h, L.qkv, L.qkv_b).view(B, H + 2 * KV, hd)
+        qkv = w.linear(_norm(w, x, L.ln1), L.qkv, L.qkv_b).float().view(B, H + 2 * KV, hd)  # fp32 cache
         qk = _rope(qkv[:, : H + KV], rot)  # [B, H + KV, hd]
         kc, vc = cache[li, 0], cache[li, 1]
         kc[rows, :, col] = qk[:, H:]

@@ -1,5 +1,6 @@
 """Next-token sampling for the fast engine: temperature, top-k and exact top-p on logits, then one token per row by
-inverse CDF from caller-supplied uniforms (so the caller owns the RNG and the same uniforms give the same tokens).
+inverse CDF from caller-supplied uniforms (so the caller owns the RNG and the same uniforms give the same tokens);
+the sampled tokens' log-probabilities.
 
 Pure tensor functions: no model, no state.
 """
@@ -41,23 +42,30 @@ def top_p_filter(probs: torch.Tensor, top_p: float, k0: int = 64) -> tuple[torch
     return out, idx
 
 
-def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, u: torch.Tensor, k0: int = 64) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, u: torch.Tensor,
+                  k0: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token per row of `logits` [B, V] (fp32): greedy when temperature <= 0, else temperature -> top-k (if
     > 0) -> top-p (if < 1), sampled by inverse CDF with the uniforms `u` [B] (float64 in [0, 1)). `k0` is the
-    top-k pre-cut `top_p_filter` starts from. Returns token ids [B]."""
+    top-k pre-cut `top_p_filter` starts from. Returns (token ids [B], their log-probs [B] under
+    softmax(logits / temperature) before the top-k / top-p cut, as the trainer scores them; None when greedy).
+    The log-probs come from the full softmax the top-p path computes anyway (log of an fp32 probability: ~1e-7
+    from log_softmax); the top-k path, which softmaxes k values only, pays one logsumexp."""
     if sampling.temperature <= 0:
-        return logits.argmax(-1)
+        return logits.argmax(-1), None
     scores = logits / sampling.temperature
     top_k, top_p = int(sampling.top_k or 0), float(sampling.top_p if sampling.top_p is not None else 1.0)
+    full = None  # softmax(scores) [B, V] when computed
     if top_k > 0 and top_k < scores.shape[1]:
         top_vals, cand = scores.topk(top_k, dim=-1)
         probs = torch.softmax(top_vals, -1)
         if top_p < 1.0:
             probs = probs * _nucleus_mask_sorted(probs, top_p)
     elif top_p < 1.0:
-        probs, cand = top_p_filter(torch.softmax(scores, -1), top_p, k0)
+        full = torch.softmax(scores, -1)
+        probs, cand = top_p_filter(full, top_p, k0)
     else:
-        probs, cand = torch.softmax(scores, -1), None
+        full = probs = torch.softmax(scores, -1)
+        cand = None
     cdf = probs.cumsum(-1, dtype=torch.float64)
     target = u.to(torch.float64) * cdf[:, -1]
     pick = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
@@ -65,7 +73,10 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, u: torch.Tenso
     over = pick >= probs.shape[1]
     if bool(over.any()):
         pick[over] = (probs[over] > 0).cumsum(-1).argmax(-1)
-    return pick if cand is None else cand.gather(1, pick.unsqueeze(1)).squeeze(1)
+    tok = pick if cand is None else cand.gather(1, pick.unsqueeze(1)).squeeze(1)  # [B]
+    if full is not None:
+        return tok, full.gather(1, tok[:, None]).squeeze(1).log()
+    return tok, scores.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(scores, -1)
 
 
 def _keep_from_cum(cum: torch.Tensor, top_p: float) -> torch.Tensor:
