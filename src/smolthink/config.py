@@ -112,6 +112,10 @@ class StageConfig:
                                       "many padded tokens (0: no split); same gradient, lower peak memory", ge=0)
     onednn_linears: bool = opt(True, "CPU fp32: LoRA layers (one merged W + sBA GEMM) and frozen layers (LM head) "
                                      "train through oneDNN (same math, one merged weight copy)")
+    precision: str = opt("fp32", "training GEMMs: fp32 | bf16 (bf16: the oneDNN layers' forward and input-gradient "
+                                 "GEMMs in bf16 with fp32 accumulation; LoRA weights, optimizer, norms, attention "
+                                 "and log-softmax stay fp32; needs onednn_linears, use_lora and an AVX-512 CPU)",
+                         choices=("fp32", "bf16"))
     learning_rate: float = opt(1e-5, "peak learning rate (AdamW)", gt=0, le=1)
     lr_scheduler_type: str = opt("constant", "constant | linear | cosine (after warm-up)", choices=LR_SCHEDULES)
     warmup_steps: int = opt(0, "linear warm-up optimizer steps", ge=0)
@@ -429,6 +433,9 @@ def validate(cfg: Any) -> None:
     ev = getattr(cfg, "eval", None)
     if isinstance(ev, EvalConfig):
         need(ev.samples == 1 or ev.temperature > 0, "eval.samples > 1 needs eval.temperature > 0 (e.g. 0.7)")
+    if isinstance(cfg, StageConfig):
+        need(cfg.precision == "fp32" or (cfg.onednn_linears and cfg.use_lora),
+             "precision=bf16 needs onednn_linears=true and use_lora=true (it runs the oneDNN LoRA layers in bf16)")
     if isinstance(cfg, GRPOConfig):
         need(cfg.buffer_size >= cfg.minibatch_size, "buffer_size must be >= minibatch_size")
         need(cfg.train_size >= cfg.prompts_per_rollout, "train_size must be >= prompts_per_rollout")
