@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from smolthink.config import GRPOConfig, SFTConfig, build_config
+from smolthink.config import SFTConfig, build_config
 from smolthink.errors import SmolthinkError
 from smolthink.logprobs import token_logprobs
 from smolthink.onednn import OneDNNLinears, bf16_available
@@ -67,6 +67,7 @@ def test_bf16_log_probs_are_deterministic_with_and_without_grad():
             old, _ = token_logprobs(model, *data)
         new, _ = token_logprobs(model, *data)
         again, _ = token_logprobs(model, *data)
+    assert old.dtype == torch.float32  # the head's bf16 logits reach the log-softmax as fp32
     assert torch.equal(old, new.detach()) and torch.equal(new, again)
     assert torch.exp(new - old)[data[2].bool()].eq(1).all()
     with torch.no_grad():
@@ -86,7 +87,7 @@ def test_bf16_holds_half_size_weights_only_inside_active():
 
 
 def test_bf16_refused_where_onednn_cannot_run_it(monkeypatch):
-    import smolthink.onednn as onednn
+    from smolthink import onednn
 
     monkeypatch.setattr(onednn, "bf16_available", lambda: False)
     with pytest.raises(SmolthinkError, match="precision=bf16 needs oneDNN"):
@@ -94,12 +95,14 @@ def test_bf16_refused_where_onednn_cannot_run_it(monkeypatch):
     assert len(OneDNNLinears(lora_tiny(), precision="fp32")) > 0
 
 
-def _sft_losses(tiny_dir, traces, out, precision):
+def _sft_losses(tiny_dir, traces, out, precision):  # noqa: F811
+    """The per-step SFT losses of a short LoRA run on the 8 traces."""
     from smolthink.train_sft import train_sft
 
     cfg = build_config(SFTConfig, [{"model": str(tiny_dir), "threads": 2, "eval.n": 0, "minibatch_size": 4,
-                                    "warmup_steps": 1, "max_steps": 6, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
-                                    "data.path": str(traces), "precision": precision}])
+                                    "warmup_steps": 1, "max_steps": 6, "learning_rate": 3e-3,
+                                    "lr_scheduler_type": "constant", "data.path": str(traces),
+                                    "precision": precision}])
     train_sft(cfg, out)
     return [json.loads(line)["loss/sft"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -2,7 +2,7 @@
 runs training's linear layers through oneDNN with LoRA merged into one weight, in fp32 or bf16.
 
 Why: on AVX-512 CPUs oneDNN's `_linear_pointwise` runs these GEMMs about twice as fast as the MKL path behind
-`F.linear`, and bf16 (native on CPUs with avx512_bf16) faster still. peft's LoRA forward also adds four skinny
+`F.linear`, and bf16 (native with avx512_bf16) about twice fp32 again. peft's LoRA forward also adds four skinny
 rank-r GEMMs and two [T, out] element-wise passes per layer, which on a CPU cost as much as the base GEMM. The
 measured figures are in benchmarks/README.md ("Numbers behind the training layers").
 
@@ -18,13 +18,15 @@ through oneDNN and restores the original forward on exit:
   (no weight gradient) on its own weight in fp32, on a bf16 copy of it in bf16.
 
 fp32: the same arithmetic as peft / `F.linear` in another summation order (outputs agree to ~1e-6 relative).
-bf16: the big GEMMs (x W'^T, dy W', the head's forward and dx) take bf16 weights and the fp32 activations cast
-to bf16 at the GEMM; oneDNN accumulates in fp32 and the output is cast back, so every tensor between layers,
-RMSNorm, attention, the logits' log-softmax and the loss stay fp32, as do A, B and their optimizer state. The
-cost is rounding inputs and output to 8 significant bits, about 2^-8 relative per GEMM (tests/test_onednn_bf16.py
-derives the gradient tolerance from it). A bf16 W' is summed in fp32 and rounded once. The rank-r adapter GEMMs
-stay fp32: they are a small share of the work and carry the gradient of the trained weights. Plain, not
-pre-packed, weights: packing needs a second copy for W'^T and bought little (benchmarks/README.md).
+bf16: the big GEMMs (x W'^T, dy W', the head's forward and dx) take bf16 weights and the fp32 activations cast to
+bf16 at the GEMM; oneDNN accumulates in fp32 and its output (the logits too) is rounded to bf16 and cast back to
+fp32, so every tensor between layers, RMSNorm, attention, the logits' log-softmax and the loss stay fp32, as do A,
+B and their optimizer state. The cost is rounding inputs and output to 8 significant bits, about 2^-8 relative per
+GEMM (tests/test_onednn_bf16.py derives the gradient tolerance from it). A bf16 W' is summed in fp32 and rounded
+once. The rank-r adapter GEMMs stay fp32: they are a small share of the work and carry the gradient of the trained
+weights. Activations stay fp32 because HF's RMSNorm upcasts inside and attention accumulates in fp32 anyway (bf16
+end to end moved the casts without saving time, and a bf16 residual stream adds error). Plain, not pre-packed,
+weights in both precisions: packing needs a second copy for W'^T and buys a few percent of GEMM time.
 
 In both precisions one input always gives the same output, so old and new log-probs computed under `active()`
 give an importance ratio of exactly 1 on-policy. Memory: one merged copy of each adapted weight in the chosen
