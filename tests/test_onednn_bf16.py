@@ -119,13 +119,14 @@ def test_sft_bf16_follows_the_fp32_loss_curve(tmp_path, tiny_dir, traces):  # no
 def test_grpo_bf16_follows_fp32_with_an_exact_on_policy_ratio(tmp_path, tiny_dir):
     """Rollouts are fp32 (the HF engine) and the first fill is the same, so the two runs differ only by the
     training GEMMs: the gradient norms within the gradient tolerance, the same rewards, and a ratio of exactly
-    1 on-policy; with two passes over each buffer the separate old-log-prob pass matches training too."""
+    1 on-policy; with two passes over each buffer the separate old-log-prob pass matches training too, and the
+    reference pass (adapter disabled: its LoRA layers run peft's fp32 forward, the head bf16) stays close."""
     from test_train_grpo import TOY, metrics, run
 
     common = ["max_steps=3", "eval_n=0", "learning_rate=1e-3", *TOY]
     run(tmp_path / "fp32", tiny_dir, *common)
     run(tmp_path / "bf16", tiny_dir, *common, "precision=bf16")
-    run(tmp_path / "off", tiny_dir, *common, "precision=bf16", "num_iterations=2")
+    run(tmp_path / "off", tiny_dir, *common, "precision=bf16", "num_iterations=2", "beta=0.04")
     fp32, bf16, off = metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16"), metrics(tmp_path / "off")
     assert len(fp32) == len(bf16) == 3
     for a, b in zip(fp32, bf16):
@@ -134,3 +135,4 @@ def test_grpo_bf16_follows_fp32_with_an_exact_on_policy_ratio(tmp_path, tiny_dir
         assert a["grad_norm"] != b["grad_norm"]  # the bf16 GEMMs ran
         assert abs(a["reward/mean"] - b["reward/mean"]) < 1e-3 and abs(a["loss/total"] - b["loss/total"]) < 1e-3
     assert abs(off[0]["ratio/mean"] - 1.0) < 1e-5 and off[0]["clip/frac"] == 0.0
+    assert 0 <= off[0]["loss/kl"] < 1e-3  # LoRA B starts at 0: the reference is the policy up to rounding
