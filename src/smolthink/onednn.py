@@ -81,8 +81,10 @@ def onednn_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def bf16_available() -> bool:
-    """True when oneDNN runs bf16 GEMMs natively here (AVX-512 with bf16 support or newer)."""
-    return onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """True when oneDNN runs bf16 GEMMs on native bf16 dot products here (avx512_bf16: other CPUs emulate them
+    by conversions, which would spend the speed bf16 is for)."""
+    native = torch.cpu._is_avx512_bf16_supported()
+    return native and onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _gemm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -254,8 +256,8 @@ class OneDNNLinears:
     def __init__(self, model: torch.nn.Module, enabled: bool = True, precision: str = "fp32"):
         self.layers: list[_MergedLora | _Frozen] = []
         if enabled and precision == "bf16" and not bf16_available():
-            raise SmolthinkError("precision=bf16 needs oneDNN with native bf16 GEMMs (an AVX-512 CPU); "
-                                 "use precision=fp32 here")
+            raise SmolthinkError("precision=bf16 needs oneDNN and a CPU with native bf16 dot products "
+                                 "(avx512_bf16); use precision=fp32 here")
         if not (enabled and onednn_available()):
             return
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
