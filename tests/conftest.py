@@ -49,3 +49,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _syllogism_trace(entry):
+    m = entry["metadata"]
+    answer = entry["answer"]
+    return (f"<think> Premise 1: {m['premise1']}. Premise 2: {m['premise2']}. The conclusion '{m['conclusion']}' "
+            f"{'follows' if answer == 'Yes' else 'does not follow'}. </think> <answer>{answer}</answer>")
+
+
+@pytest.fixture(scope="session")
+def traces(tmp_path_factory):
+    """8 verified syllogism traces (written through make_traces with a template solver)."""
+    from smolthink.config import DataConfig
+    from smolthink.data import make_traces
+    from smolthink.tasks import parse_tasks
+
+    path = tmp_path_factory.mktemp("data") / "traces.jsonl"
+    stats = make_traces(DataConfig(num_traces=8), parse_tasks("syllogism"), 0, path,
+                        solver=lambda task, entry, rng: _syllogism_trace(entry))
+    assert stats["kept"] == 8
+    return path

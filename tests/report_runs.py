@@ -10,16 +10,17 @@ QUESTIONS = [f"Consider the premises: all A{i} are B{i}; some B{i} are C{i}. Doe
              "Answer Yes or No." for i in range(8)]
 
 
-def completions(n: int, yes_share: float, acc: float) -> list[dict]:
+def completions(n: int, yes_share: float, acc: float, offset: int = 0) -> list[dict]:
     """n balanced-gold eval records; round(n*yes_share) answers are 'Yes'; correctness follows gold == answer
-    (acc is only used to set 'correct' for the non-collapsed, balanced case)."""
+    (acc is only used to set 'correct' for the non-collapsed, balanced case: records offset .. offset+round(n*acc)-1
+    are the right ones)."""
     n_yes = round(n * yes_share)
     recs = []
     for i in range(n):
         gold = "Yes" if i % 2 == 0 else "No"
         answer = "Yes" if i < n_yes else "No"
         if yes_share == 0.5:  # balanced answers: make round(n*acc) of them correct
-            answer = gold if i < round(n * acc) else ("No" if gold == "Yes" else "Yes")
+            answer = gold if offset <= i < offset + round(n * acc) else ("No" if gold == "Yes" else "Yes")
         recs.append({"id": i, "question": QUESTIONS[i % 8], "completion": f"<think>step {i}</think>\n"
                      f"<answer>{answer}</answer>", "answer": answer, "gold": gold, "correct": float(answer == gold),
                      "format": 1.0, "length": 40 + i % 7, "truncated": False})
@@ -51,7 +52,12 @@ def grpo_metrics(steps: int) -> list[dict]:
                      "completion/clipped_frac": 0.1, "loss/policy": 0.01, "loss/kl": 0.001 * s,
                      "loss/entropy": 1.2, "clip/frac": 0.02, "lr": 1e-5, "perf/rollout_s": 20.0,
                      "perf/train_s": 8.0, "perf/step_s": 30.0, "perf/rollout_tok_s": 150.0,
-                     "perf/peak_rss_gb": 3.1})
+                     "perf/peak_rss_gb": 3.1, "rollout/fill": float(s - 1), "groups/total": 8.0,
+                     "groups/dropped": 2.0, "rollout/batches": 2.0, "rollout/extra_batches": 1.0,
+                     "groups/all_correct_frac": 0.375, "groups/all_wrong_frac": 0.125, "groups/low_pass_frac": 0.25,
+                     "groups/high_pass_frac": 0.25, "groups/pass_rate_mean": 0.6,
+                     "rollout/tokens_all_correct_frac": 0.3, "rollout/tokens_all_wrong_frac": 0.2,
+                     "curriculum/syllogism/allow_some_not": float(min(3, 1 + s // 10))})
     return rows
 
 
@@ -70,7 +76,8 @@ def single_stage_run(root: Path, final_yes_share: float = 0.5) -> Path:
     return run
 
 
-def pipeline_run(root: Path, stop_after_sft: bool = False, final_yes_share: float = 0.5) -> Path:
+def pipeline_run(root: Path, stop_after_sft: bool = False, final_yes_share: float = 0.5,
+                 with_control: bool = False) -> Path:
     run = root / ("stopped" if stop_after_sft else "pipeline")
     (run / "pipeline.yaml").parent.mkdir(parents=True, exist_ok=True)
     (run / "pipeline.yaml").write_text("model: null\ntask: syllogism\nseed: 0\n")
@@ -99,6 +106,35 @@ def pipeline_run(root: Path, stop_after_sft: bool = False, final_yes_share: floa
         write_json(run / "final_eval" / "eval.json", final)
         write_jsonl(run / "final_eval" / "completions.jsonl", completions(200, final_yes_share, 0.625))
         mark_done(run / "final_eval", 0.1)
-        timings.update(grpo=1200.0, final_eval=0.1)
+        for model, (a1, a2) in {"base": (0.12, 0.5), "final": (0.02, 0.5)}.items():
+            write_json(run / "transfer" / f"{model}.json", {"task": "aiw,gcd", "n": 100, "per_task": {
+                "aiw": {"n": 50, "accuracy": a1, "accuracy_ci95": [a1 / 2, a1 * 2], "format_rate": 0.9},
+                "gcd": {"n": 50, "accuracy": a2, "accuracy_ci95": [0.36, 0.64], "format_rate": 0.8}}})
+        mark_done(run / "transfer", 30.0)
+        timings.update(grpo=1200.0, final_eval=0.1, transfer=30.0)
+    if with_control:
+        control_stages(run, timings)
     write_json(run / "timings.json", timings)
     return run
+
+
+def control_stages(run: Path, timings: dict) -> None:
+    """The equal-time SFT control and the pass@k stage of a finished pipeline run, and the SFT eval's completions
+    (right: records 20..128, where base had 0..99, grpo 0..124, the control 50..159)."""
+    (run / "pipeline.yaml").write_text("model: null\ntask: syllogism\nseed: 0\nsft_control: true\n"
+                                       "passk:\n  enabled: true\n")
+    write_jsonl(run / "sft" / "eval" / "step_000020.completions.jsonl", completions(200, 0.5, 0.545, offset=20))
+    ctl = run / "sft_control"
+    write_jsonl(ctl / "metrics.jsonl", [{"step": s, "time": 3000.0 + 5 * s, "loss/sft": 0.5 / s, "lr": 4e-4,
+                                         "epoch": s / 4} for s in range(1, 231)])
+    (ctl / "config.yaml").write_text("max_steps: 0\nmax_seconds: 1200.0\n")
+    write_json(ctl / "eval" / "step_000230.json", eval_summary(230, 0.55, (0.481, 0.617), 0.97, 80.0))
+    write_jsonl(ctl / "eval" / "step_000230.completions.jsonl", completions(200, 0.5, 0.55, offset=50))
+    mark_done(ctl, 1210.0, 230)
+    for name, (mean, lo, hi, passk) in {"sft": (0.5, 0.45, 0.55, 0.7), "grpo": (0.6, 0.55, 0.65, 0.72),
+                                        "sft_control": (0.52, 0.47, 0.57, 0.69)}.items():
+        write_json(run / "passk" / f"{name}.json", {**eval_summary(0, mean, (lo, hi), 0.99, 70.0, n=100),
+                                                    "samples_per_question": 4, "pass@k": passk,
+                                                    "pass@k_ci95": [passk - 0.09, passk + 0.08], "mean@k": mean})
+    mark_done(run / "passk", 30.0)
+    timings.update(sft_control=1210.0, passk=30.0)

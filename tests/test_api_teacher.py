@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from fault_server import Faults
 
 from smolthink.chat import render_prompt
 from smolthink.serve import make_server
@@ -22,20 +23,20 @@ def server(tiny_tokenizer):
 
     model = tiny_model(vocab_size=len(tiny_tokenizer))
     srv = make_server(model, tiny_tokenizer, host="127.0.0.1", port=0)
+    faults = Faults(srv)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield srv
+    yield faults
     srv.shutdown()
     srv.server_close()
 
 
 @pytest.fixture()
 def srv(server):
-    """The shared server with its knobs and counters reset."""
-    server.fail_next, server.retry_after, server.delay_s = [], None, 0.0
-    server.calls = server.max_concurrent_seen = 0
+    """The shared server's fault knobs and counters (tests/fault_server.py), reset."""
+    server.reset()
     yield server
-    server.fail_next, server.retry_after, server.delay_s = [], None, 0.0
+    server.reset()
 
 
 def teacher_for(srv, tmp_path, **kw):
@@ -99,7 +100,7 @@ def test_bad_requests_get_openai_errors(srv):
     srv.fail_next = [503]
     status, resp = http(srv, "POST", "/v1/chat/completions", {"messages": MSG, "max_tokens": 1})
     assert status == 503 and resp["error"]["type"] == "server_error" and srv.fail_next == []
-    assert srv.generations >= 0 and srv.in_flight == 0
+    assert srv.generations == 0 and srv.in_flight == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ def test_extract_takes_last_answer_block():
 
 def test_format_strict_accepts_exact_layout_with_whitespace():
     assert format_ok("<think> step 1 </think> <answer> Yes </answer>")
-    assert format_ok("\n<think>\nreason\n</think>\n\n<answer>No</answer>\n")
+    assert format_ok("\n<think>\nreason here\n</think>\n\n<answer>No</answer>\n")
 
 
 def test_format_rejects_extra_text_missing_or_repeated_blocks():
@@ -60,3 +60,26 @@ def test_answer_label_classes_are_what_the_reward_matches():
         assert (answer_label(answer, gold) == answer_label(gold, gold)) == strict_match(answer, gold), (answer, gold)
     assert answer_label("valid.") == "Valid" and answer_label("Yes..") == "Yes.."
     assert answer_label("maybe", "Yes") == "Maybe" and answer_label("maybe") == "maybe"
+
+
+def test_format_needs_real_content_not_the_prompts_placeholders():
+    """The default syllogism model answers other tasks with the system prompt's example filled in: tags, no
+    content. That is format 0, for the reward and the eval alike."""
+    from smolthink.chat import SYSTEM_PROMPT
+    from smolthink.config import RewardConfig
+    from smolthink.rewards import score_completions
+    from smolthink.types import Example
+
+    copied = "<think> Your reasoning </think> <answer> one </answer>"
+    assert "<think> your reasoning </think>" in SYSTEM_PROMPT  # the placeholder the rule names
+    assert not format_ok(copied)
+    assert not format_ok("<think> your reasoning here. </think> <answer> 3 </answer>")  # one word beside it
+    assert not format_ok("<think> x </think> <answer> Yes </answer>")  # one token is no reasoning
+    assert not format_ok("<think> ... !! </think> <answer> Yes </answer>")  # punctuation is no word
+    assert not format_ok("<think> count the letters </think> <answer> Your answer. </answer>")
+    assert format_ok("<think> count the letters </think> <answer> 3 </answer>")
+    assert format_ok("<think> Your reasoning: two r's </think> <answer> 2 </answer>")  # content beside it
+    assert format_ok("it has 3 </think> <answer> 3 </answer>", prefill="<think>\n")
+    ex = Example(id="0", task="letter_counting", question="q", answer="one", entry={})
+    (parts,) = score_completions([copied], [ex], [10], None, [], RewardConfig(), 64)
+    assert parts.format == 0.0 and parts.correct == 1.0  # an exact match needs no scorer

@@ -1,7 +1,8 @@
 import pytest
 
 from smolthink.config import (EvalRunConfig, GRPOConfig, PipelineConfig, SFTConfig, build_config,
-                              build_pipeline_config, config_yaml, load_yaml, parse_overrides, stage_config)
+                              build_pipeline_config, stage_config)
+from smolthink.configlib import config_yaml, load_yaml, parse_overrides
 from smolthink.errors import SmolthinkError
 
 

@@ -7,9 +7,9 @@ import pytest
 
 from smolthink.chat import SYSTEM_PROMPT
 from smolthink.config import DataConfig
-from smolthink.data import HINT, hint_answer, make_traces, stats_path_for, verify
+from smolthink.data import make_traces, stats_path_for, verify
 from smolthink.errors import SmolthinkError
-from smolthink.tasks import make_examples, parse_tasks
+from smolthink.tasks import make_examples, parse_tasks, reference_answer
 
 BOTH = "syllogism,propositional_logic"
 
@@ -75,8 +75,8 @@ def test_verify_reasons():
     from smolthink.sandbox import Scorer
 
     ex = make_examples(parse_tasks("syllogism"), 1, 0, "train")[0]
-    good = f"<think> reasons </think> <answer>{ex.answer}</answer>"
-    wrong = f"<think> reasons </think> <answer>{'No' if ex.answer == 'Yes' else 'Yes'}</answer>"
+    good = f"<think> two reasons </think> <answer>{ex.answer}</answer>"
+    wrong = f"<think> two reasons </think> <answer>{'No' if ex.answer == 'Yes' else 'Yes'}</answer>"
     cases = [good, wrong, f"{good} trailing text", None, "<think> the hint says so </think> <answer>x</answer>"]
     with Scorer() as scorer:
         assert verify(cases, [ex] * 5, scorer, parse_tasks("syllogism"), check_hint_leak=True) == [
@@ -94,13 +94,16 @@ def test_local_teacher_stats_add_up(tmp_path, tiny_lm, tiny_tokenizer):
     assert stats["teacher_completion_tokens"] <= 4 * 6 and stats["teacher_prompt_tokens"] > 0
     assert len(rows_of(out)) == stats["kept"]
     ex = make_examples(specs, 2, 0, "train")
-    assert {hint_answer(e) for e in ex} and all(hint_answer(e) for e in ex)  # propositional_logic hints too
+    assert {reference_answer(e) for e in ex} and all(reference_answer(e) for e in ex)  # propositional_logic hints too
 
 
 def test_api_teacher_against_the_local_server(tmp_path, tiny_lm, tiny_tokenizer, monkeypatch):
+    from fault_server import Faults
+
     from smolthink.serve import make_server
 
     server = make_server(tiny_lm, tiny_tokenizer, port=0)
+    faults = Faults(server)  # counts the requests that reach the server
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -112,10 +115,10 @@ def test_api_teacher_against_the_local_server(tmp_path, tiny_lm, tiny_tokenizer,
         assert a["kept"] + a["rejected"] == a["questions"] and a["samples"] == 2 * a["questions"]
         assert 2 <= a["questions"] <= 4 and a["rounds"] == (1 if a["kept"] == 2 else 2)
         assert a["teacher_completion_tokens"] > 0
-        calls = server.calls
+        calls = faults.calls
         assert calls >= 2
         b = make_traces(cfg, specs, 0, tmp_path / "b.jsonl", teacher_kwargs=kw)
-        assert server.calls == calls  # every request answered from the cache
+        assert faults.calls == calls  # every request answered from the cache
         assert b["teacher_cache_hits"] == b["questions"] == a["questions"] and b["teacher_http_requests"] == 0
         assert (b["kept"], b["rejected"]) == (a["kept"], a["rejected"])
         assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()

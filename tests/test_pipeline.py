@@ -1,7 +1,8 @@
-"""A tiny-model pipeline run produces every artifact, a report with its sections and plots, and skips finished
-stages on rerun."""
+"""A tiny-model pipeline run produces every artifact (the equal-time SFT control and pass@k included), a report with
+its sections and plots, and skips finished stages on rerun."""
 import json
 
+import yaml
 
 from smolthink.cli import main
 
@@ -10,7 +11,8 @@ SETS = ["eval_n=4", "eval_max_new_tokens=8", "num_traces=8", "threads=2",
         "sft.max_steps=2", "sft.minibatch_size=4", "sft.warmup_steps=0",
         "grpo.max_steps=2", "grpo.max_completion_length=8", "grpo.prompts_per_rollout=2", "grpo.num_generations=2",
         "grpo.buffer_size=4", "grpo.minibatch_size=4", "grpo.gradient_accumulation_steps=1", "grpo.train_size=32",
-        "grpo.engine=hf"]
+        "grpo.engine=hf", "control.max_steps=3", "passk.n=2", "passk.k=2",
+        "transfer.n=2"]
 
 
 def test_pipeline_smoke_and_stage_skipping(tmp_path, tiny_dir):
@@ -19,7 +21,7 @@ def test_pipeline_smoke_and_stage_skipping(tmp_path, tiny_dir):
     for s in SETS:
         args += ["--set", s]
     assert main(args) == 0
-    for stage in ("base_eval", "data", "sft", "grpo", "final_eval", "report"):
+    for stage in ("base_eval", "data", "sft", "grpo", "final_eval", "transfer", "report"):
         assert (run / stage / "DONE").is_file(), stage
     assert json.loads((run / "base_eval" / "eval.json").read_text())["n"] == 4
     assert (run / "data" / "traces.jsonl").stat().st_size > 0
@@ -28,9 +30,22 @@ def test_pipeline_smoke_and_stage_skipping(tmp_path, tiny_dir):
     final = json.loads((run / "final_eval" / "eval.json").read_text())
     assert final["stage"] == "final" and final["n"] == 4
     timings = json.loads((run / "timings.json").read_text())
-    assert set(timings) == {"base_eval", "data", "sft", "grpo", "final_eval", "report"}
+    assert set(timings) == {"base_eval", "data", "sft", "grpo", "final_eval", "transfer", "sft_control", "passk",
+                            "report"}
+    # the control: SFT from the SFT stage's model for the grpo stage's wall time (or its 3-step cap here)
+    control = yaml.safe_load((run / "sft_control" / "config.yaml").read_text())
+    assert control["max_seconds"] == json.loads((run / "grpo" / "DONE").read_text())["seconds"]
+    assert control["model"] == str(run / "sft" / "final" / "merged") and control["lr_scheduler_type"] == "constant"
+    steps = json.loads((run / "sft_control" / "DONE").read_text())["steps"]
+    assert 1 <= steps <= 3
+    assert json.loads((run / "sft_control" / "eval" / f"step_{steps:06d}.json").read_text())["n"] == 4
+    for name in ("sft", "grpo", "sft_control"):
+        passk = json.loads((run / "passk" / f"{name}.json").read_text())
+        assert passk["n"] == 2 and passk["samples_per_question"] == 2 and len(passk["pass@k_ci95"]) == 2
     report = (run / "report.md").read_text()
-    for section in ("base", "sft", "final", "majority"):
+    for section in ("base", "sft", "final", "majority", "## rl vs equal-time sft", "sft_control (equal-time sft)",
+                    "## what changed between stages", "| sft → sft_control (equal-time sft) | 4 |",
+                    "## where the rl budget went", "pass@2 / mean@2 on 2 held-out questions"):
         assert section in report.lower(), section
     pngs = list((run / "plots").glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

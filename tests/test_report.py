@@ -135,3 +135,50 @@ def test_single_stage_wall_time_from_done(tmp_path):
     md = write_report(run).read_text()
     assert "Training wall time: 42s (DONE)." in md
     assert "2m40s" not in md
+
+
+def test_control_verdict_passk_flips_and_budget(tmp_path):
+    """The equal-time SFT control next to SFT + GRPO with a plain verdict, pass@k / mean@k with intervals, the
+    questions that flipped between stages (three examples each way), and where the RL budget went."""
+    run = pipeline_run(tmp_path, with_control=True)
+    md = write_report(run).read_text()
+    assert "Missing" not in md
+    assert _table_row(md, "sft_control (equal-time SFT)")[2] == "0.550 [0.481, 0.617]"
+    rl = md.split("## RL vs equal-time SFT", 1)[1].split("\n## ", 1)[0]
+    assert "| sft + grpo | 0.625 [0.556, 0.689] |" in rl
+    assert "**No RL gain shown:** SFT + GRPO vs equal-time SFT is +7.5 points (0.625 vs 0.550)" in rl
+    assert "230 SFT steps, 57.5 epochs over the warm-up traces, a budget of 20m00s" in rl
+    assert "| sft + grpo | 0.600 [0.550, 0.650] | 0.720 [0.630, 0.800] |" in rl
+    assert "GRPO moved mean@4 by +10.0 points and pass@4 by +2.0 points." in rl
+    flips = md.split("## What changed between stages", 1)[1].split("\n## ", 1)[0]
+    assert "| base → sft | 200 | 20 | 29 | +9 |" in flips
+    assert "| sft → final (grpo) | 200 | 4 | 20 | +16 |" in flips
+    assert "| sft → sft_control (equal-time SFT) | 200 | 30 | 31 | +1 |" in flips
+    for pair in ("base → sft", "sft → final (grpo)", "sft → sft_control (equal-time SFT)"):
+        block = flips.split(f"### {pair}\n", 1)[1].split("\n### ", 1)[0]
+        wrong, right = block.split("Wrong → right:", 1)
+        assert wrong.count("**") == 6 and right.count("**") == 6, pair  # three examples each way
+    assert "<think>step 20</think>" in flips  # both completions of a flipped question are shown
+    budget = md.split("## Where the RL budget went", 1)[1].split("\n## ", 1)[0]
+    assert "| 12% | 25% | 25% | 38% | 0.600 | 9% |" in budget
+    assert "Dynamic sampling dropped 80 of 320 groups, at the cost of 40 extra rollout batches." in budget
+    assert "`syllogism/allow_some_not` 1 → 3 (range 1–3)" in budget
+
+
+def test_verdict_needs_non_overlapping_intervals():
+    from smolthink.report.rl import verdict
+
+    grpo = {"accuracy": 0.9, "accuracy_ci95": [0.87, 0.93]}
+    assert verdict(grpo, {"accuracy": 0.8, "accuracy_ci95": [0.76, 0.84]}).startswith("**The RL gain is real:**")
+    assert verdict(grpo, {"accuracy": 0.88, "accuracy_ci95": [0.85, 0.91]}).startswith("**No RL gain shown:**")
+    assert verdict(grpo, {"accuracy": 0.97, "accuracy_ci95": [0.95, 0.99]}).startswith("**Equal-time SFT wins:**")
+
+
+def test_pipeline_report_transfer_table(tmp_path):
+    md = write_report(pipeline_run(tmp_path)).read_text()
+    assert "## Transfer to tasks outside the training mixture" in md
+    assert ("| aiw | 50 | 0.120 [0.060, 0.240] | 0.020 [0.010, 0.040] | -10.0 | lower: forgot | 0.900 | 0.900 |"
+            in md)
+    assert "| gcd | 50 | 0.500 [0.360, 0.640] | 0.500 [0.360, 0.640] | +0.0 | intervals overlap | 0.800 | 0.800 |" in md
+    assert "| transfer | done | 30s |" in md
+    assert "## Per task" not in md  # a single-task run has no per-task breakdown

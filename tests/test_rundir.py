@@ -89,3 +89,48 @@ def test_pipeline_dir_timings_and_paths(tmp_path):
     for s in (20, 3):
         write_jsonl(r.samples(s), [{"step": s}])
     assert r.sample_steps() == [3, 20]
+
+
+def test_atomic_dir_fsyncs_files_and_directories_before_the_rename(tmp_path, monkeypatch):
+    """Every file and the temp directory are on disk before the rename, and the parent after it: a power cut
+    leaves the old directory or the complete new one."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))),
+                                                     real_replace(a, b))[1])
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as tmp:
+        (tmp / "sub").mkdir()
+        for name in ("a", "sub/b"):
+            (tmp / name).write_text(name)
+    monkeypatch.undo()
+    rename = events.index(("replace", str(tmp), str(target)))
+    synced_before = {e[1] for e in events[:rename] if e[0] == "fsync"}
+    assert {str(tmp / "a"), str(tmp / "sub" / "b"), str(tmp / "sub"), str(tmp)} <= synced_before
+    assert ("fsync", str(tmp_path)) in events[rename:]
+
+
+def test_discard_never_leaves_a_half_deleted_directory(tmp_path, monkeypatch):
+    """A deletion killed part-way leaves only an `.old_` leftover (cleaned at start), never a partial directory
+    under its own name."""
+    import shutil
+
+    from smolthink.rundir import discard
+
+    d = tmp_path / "step_000002"
+    d.mkdir()
+    (d / "w").write_text("1")
+
+    def killed(path, ignore_errors=False):  # a kill once the deletion has begun
+        if os.path.exists(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        discard(d)
+    monkeypatch.undo()
+    assert not d.exists() and [p.name.startswith(".old_step_000002") for p in tmp_path.iterdir()] == [True]
+    remove_leftovers(tmp_path)
+    assert os.listdir(tmp_path) == []

@@ -2,9 +2,7 @@
 import json
 import os
 import signal
-from pathlib import Path
 
-import pytest
 import torch
 
 from smolthink.chat import SYSTEM_PROMPT
@@ -12,27 +10,6 @@ from smolthink.config import SFTConfig, build_config
 from smolthink.train_sft import build_experiences, tokenize_messages, train_sft
 
 FAST = {"threads": 2, "eval.n": 0, "minibatch_size": 4, "warmup_steps": 1, "log_every": 1, "max_length": 512}
-
-
-def _syllogism_trace(entry, flip=False):
-    m = entry["metadata"]
-    answer = entry["answer"] if not flip else ("No" if entry["answer"] == "Yes" else "Yes")
-    return (f"<think> Premise 1: {m['premise1']}. Premise 2: {m['premise2']}. The conclusion '{m['conclusion']}' "
-            f"{'follows' if answer == 'Yes' else 'does not follow'}. </think> <answer>{answer}</answer>")
-
-
-@pytest.fixture(scope="module")
-def traces(tmp_path_factory):
-    """8 verified syllogism traces (written through make_traces with a template solver)."""
-    from smolthink.config import DataConfig
-    from smolthink.data import make_traces
-    from smolthink.tasks import parse_tasks
-
-    path = tmp_path_factory.mktemp("data") / "traces.jsonl"
-    stats = make_traces(DataConfig(num_traces=8), parse_tasks("syllogism"), 0, path,
-                        solver=lambda task, entry, rng: _syllogism_trace(entry))
-    assert stats["kept"] == 8
-    return path
 
 
 def cfg_for(tiny_dir, traces=None, **kw):
@@ -105,6 +82,26 @@ def test_resume_after_sigterm_is_exact(tmp_path, tiny_dir, traces):
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["loss/sft"] for r in a] == [r["loss/sft"] for r in b]
     assert a == b
+
+
+def test_time_budget_stops_between_steps(tmp_path, tiny_dir, traces, monkeypatch):
+    """max_seconds is checked between optimizer steps on the loop's clock (a fake one here: 10 s per step), and
+    the seconds spent are checkpointed so a resumed run continues the same budget."""
+    from types import SimpleNamespace
+
+    import smolthink.train_sft as train_sft_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(train_sft_module, "time", SimpleNamespace(time=lambda: clock[0]))
+
+    def tick(step, m):
+        clock[0] += 10.0
+
+    out = tmp_path / "run"
+    train_sft(cfg_for(tiny_dir, traces, num_epochs=100, max_seconds=25.0), out, on_step=tick)
+    assert json.loads((out / "DONE").read_text())["steps"] == 3  # 0, 10, 20 s: under 25; 30 s: stop
+    # step 3 ended at 20 s on the loop's clock (the fake clock moves after the step): that is what a resume continues
+    assert json.loads((out / "checkpoints" / "step_000003" / "state.json").read_text())["seconds"] == 20.0
 
 
 def test_smoke_writes_every_artifact(tmp_path, tiny_dir, monkeypatch):

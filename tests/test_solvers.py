@@ -9,7 +9,9 @@ import reasoning_gym as rg
 
 from smolthink import solvers
 from smolthink.chat import extract_answer, format_ok
-from smolthink.solvers import parse_formula, parse_statement, show, solve, syllogism_verdict
+from smolthink.solvers import solve
+from smolthink.solvers.propositional import parse_formula, prop_entails, show
+from smolthink.solvers.syllogism import parse_statement, syllogism_verdict
 
 MAX_TOKENS = 300  # rough estimate len(text) / 4
 
@@ -126,7 +128,7 @@ def test_syllogism_rules_decide_exactly_what_entailment_decides():
     (standard forms) and the immediate-consequence lists (conclusion on one premise's terms) equal `entails`."""
     from itertools import permutations, product
 
-    from smolthink.solvers import _CONSEQUENCES, _allowed, entails, rule_checks
+    from smolthink.solvers.syllogism import _CONSEQUENCES, _allowed, entails, rule_checks
 
     qs = ("all", "no", "some", "some_not")
     counts = Counter()
@@ -158,7 +160,7 @@ def test_propositional_traces_score_full_marks(props):
         t = solve("propositional_logic", e, random.Random(i))
         if t is None:  # only when every premise is a tautology: nothing non-trivial follows
             premises = [parse_formula(p) for p in e["metadata"]["premises"]]
-            assert all(solvers.prop_entails([], p) for p in premises), e["metadata"]
+            assert all(prop_entails([], p) for p in premises), e["metadata"]
             none += 1
             continue
         assert format_ok(t), t

@@ -72,10 +72,25 @@ def test_majority_class_open_ended_is_none():
 def test_mislabelled_syllogisms_are_dropped():
     """reasoning-gym labels "All S are M, Some M are P => Some S are P" valid (undistributed middle); such
     items never reach training or eval unless asked for."""
-    from smolthink.solvers import syllogism_verdict
+    from smolthink.solvers.syllogism import syllogism_verdict
 
     raw = make_examples(parse_tasks("syllogism"), 300, 0, "eval", check_gold=False)
     wrong = [e for e in raw if syllogism_verdict(e.entry) != e.entry["metadata"]["is_valid"]]
     assert len(wrong) > 10  # the generator really does mislabel items
     clean = make_examples(parse_tasks("syllogism"), 300, 0, "eval")
     assert all(syllogism_verdict(e.entry) == e.entry["metadata"]["is_valid"] for e in clean)
+
+
+def test_balancing_a_skewed_task_shares_a_rare_class_shortfall():
+    """letter_counting's counts are skewed (a count of 9 is rare): a class short of its share gives all it has and
+    the others share the rest equally, instead of failing."""
+    import random
+
+    from smolthink.tasks import _balanced
+
+    entries = [{"answer": a, "question": f"{a}{i}"} for a, k in (("1", 10), ("2", 10), ("9", 1)) for i in range(k)]
+    picked = _balanced(entries, 9, random.Random(0))
+    assert sorted(e["answer"] for e in picked) == ["1"] * 4 + ["2"] * 4 + ["9"]
+    assert _balanced(entries, 22, random.Random(0)) is None  # fewer entries than asked for
+    evals = make_examples(parse_tasks("letter_counting"), 30, 0, "eval", balanced=True)
+    assert len(evals) == 30 and len({e.question for e in evals}) == 30

@@ -87,9 +87,10 @@ def test_every_trainable_tensor_changes(tmp_path, tiny_dir):
     assert not unchanged, unchanged[:3]
 
 
-def test_resume_is_exact(tmp_path, tiny_dir):
-    """4 steps straight == 3 steps, then resume for 1 (mid-buffer: 2 optimizer steps per fill)."""
-    common = ["eval_n=0", "gradient_accumulation_steps=1", "learning_rate=1e-3", *TOY]
+def straight_and_resumed(tmp_path, tiny_dir, *sets) -> list[dict]:
+    """4 steps straight and 3 steps then a resume for 1 (mid-buffer: 2 optimizer steps per fill) -> the metrics
+    rows of the straight run, after checking that both runs logged the same (times and perf/* aside)."""
+    common = ["eval_n=0", "gradient_accumulation_steps=1", "learning_rate=1e-3", *TOY, *sets]
     straight, split = tmp_path / "a", tmp_path / "b"
     run(straight, tiny_dir, "max_steps=4", *common)
     run(split, tiny_dir, "max_steps=3", *common)
@@ -98,6 +99,47 @@ def test_resume_is_exact(tmp_path, tiny_dir):
     a, b = strip(metrics(straight)), strip(metrics(split))
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert a == b
+    assert (straight / "groups" / "step_000003.jsonl").read_text() == (split / "groups" / "step_000003.jsonl").read_text()
+    return a
+
+
+def test_resume_is_exact(tmp_path, tiny_dir):
+    straight_and_resumed(tmp_path, tiny_dir)
+
+
+def test_resume_is_exact_with_curriculum_and_replay(tmp_path, tiny_dir):
+    """The curriculum's levels and window and the replay pool are restored exactly; the random tiny model solves
+    nothing, so levels fall and every group enters the pool."""
+    a = straight_and_resumed(tmp_path, tiny_dir, "curriculum.enabled=true", "curriculum.window=1",
+                             "replay.fraction=0.5")
+    levels = [r["curriculum/syllogism/allow_some_not"] for r in a]
+    assert levels[0] == 2 and levels[-1] < levels[0]  # starts at 3 (the configured difficulty), falls
+    assert a[-1]["replay/groups_frac"] == 0.5 and a[-1]["replay/pool_size"] > 0
+
+
+def test_budget_metrics_and_groups_never_hold_an_eval_question(tmp_path, tiny_dir):
+    """groups/* metrics add up; groups/step_*.jsonl lists every group, none of them an eval question, with
+    curriculum and replay on; dynamic sampling says what it dropped and what it cost."""
+    out = tmp_path / "run"
+    # the default rewards: a random tiny model scores 0 everywhere, so every group has zero std and is dropped
+    # until the one extra batch allowed is spent
+    run(out, tiny_dir, "max_steps=2", "eval_n=16", "curriculum.enabled=true", "replay.fraction=0.5",
+        "drop_zero_std_groups=true", "max_resample_attempts=1")
+    rows = metrics(out)
+    for r in rows:
+        shares = ("groups/all_wrong_frac", "groups/low_pass_frac", "groups/high_pass_frac", "groups/all_correct_frac")
+        assert abs(sum(r[k] for k in shares) - 1) < 1e-9
+        assert r["groups/all_wrong_frac"] == 1.0 and r["rollout/tokens_all_wrong_frac"] == 1.0  # nothing solved
+        assert r["rollout/tokens_all_correct_frac"] == 0.0 and r["groups/pass_rate_mean"] == 0.0
+        assert (r["rollout/batches"], r["rollout/extra_batches"], r["groups/total"], r["groups/dropped"]) == (2, 1, 4, 2)
+    groups = [json.loads(line) for p in sorted((out / "groups").glob("step_*.jsonl"))
+              for line in p.read_text().splitlines()]
+    assert len(groups) == sum(r["groups/total"] for r in rows if r["perf/rollout_s"] > 0)
+    assert sum(g["dropped"] for g in groups) == sum(r["groups/dropped"] for r in rows if r["perf/rollout_s"] > 0)
+    assert {g["origin"] for g in groups} == {"curriculum", "replay"}
+    eval_questions = {json.loads(line)["question"]
+                      for line in (out / "eval" / "step_000000.completions.jsonl").read_text().splitlines()}
+    assert len(eval_questions) == 16 and not eval_questions & {g["question"] for g in groups}
 
 
 def test_toy_reward_rises(tmp_path, tiny_dir):

@@ -10,3 +10,9 @@ def spaces(completion: str, example) -> float:
 def raises(completion: str, example) -> float:
     """A user reward function that always fails: must score 0 and never kill the run."""
     raise RuntimeError("boom")
+
+
+def nan_on_spaces(completion: str, example) -> float:
+    """A user reward function that returns NaN on completions with a space (most of them) and 1.0 otherwise:
+    each NaN must score 0, never poison its group's advantages."""
+    return float("nan") if " " in completion else 1.0

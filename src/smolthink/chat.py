@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+# The system prompt's example blocks: a completion that copies them has the tags but no content (format_ok).
+PLACEHOLDER_THINK, PLACEHOLDER_ANSWER = "your reasoning", "your answer"
 SYSTEM_PROMPT = (
     "You are a careful reasoner. First think about the question step by step inside <think> </think> tags, "
     "then give only the final answer inside <answer> </answer> tags, like this:\n"
-    "<think> your reasoning </think> <answer> your answer </answer>\n"
+    f"<think> {PLACEHOLDER_THINK} </think> <answer> {PLACEHOLDER_ANSWER} </answer>\n"
     "Your answer is scored by extracting the text between the answer tags, so put nothing else there. "
     "Do not write code."
 )
@@ -23,6 +25,8 @@ _FORMAT_RE = re.compile(
     r"\A\s*<think>((?:(?!</?think>|</?answer>).)*)</think>\s*<answer>((?:(?!</?think>|</?answer>).)*)</answer>\s*\Z",
     re.DOTALL,
 )
+_WORD = re.compile(r"[^\W_]+")  # a run of letters or digits
+MIN_THINK_WORDS = 2  # one token ("x", "reason", "...") is not a reason; two words can state one step
 
 
 def extract_answer(completion: str) -> str | None:
@@ -59,15 +63,28 @@ def answer_label(answer: Any, gold: Any = None) -> str | None:
     return label.capitalize() if case_free else label
 
 
+def _words(text: str) -> list[str]:
+    """The casefolded words (runs of letters or digits) of a text: punctuation and case never matter."""
+    return _WORD.findall(text.casefold())
+
+
 def format_ok(completion: str, prefill: str = "") -> bool:
-    """Strict format check: `<think> ... </think> <answer> ... </answer>` and nothing else but whitespace.
+    """Strict format check with real content: `<think> ... </think> <answer> ... </answer>` and nothing else but
+    whitespace, where
+    - the think block holds at least MIN_THINK_WORDS words (runs of letters or digits) besides the system
+      prompt's placeholder "your reasoning": a copy of the prompt's example ("<think> Your reasoning </think>") or
+      a one-token think block has the tags but no reasoning;
+    - the answer block is non-empty and not the placeholder "your answer" (case and punctuation ignored).
+    The reward's format part and the eval's format rate both come from here.
 
     `prefill` is text the chat template already put at the start of the assistant turn (for example "<think>\\n"
     in templates that open the think block themselves); it is prepended so such completions are not penalised.
-    Both blocks must be non-empty.
     """
     m = _FORMAT_RE.match(prefill + completion)
-    return bool(m) and bool(m.group(1).strip()) and bool(m.group(2).strip())
+    if not m or not m.group(2).strip() or _words(m.group(2)) == _words(PLACEHOLDER_ANSWER):
+        return False
+    think = re.sub(rf"\b{PLACEHOLDER_THINK}\b", " ", " ".join(_words(m.group(1))))
+    return len(think.split()) >= MIN_THINK_WORDS
 
 
 def build_messages(
@@ -99,3 +116,10 @@ def template_prefill(tokenizer: Any) -> str:
     # A template that opens <think> leaves it as the last non-empty piece of the generation prompt.
     stripped = text.rstrip()
     return "<think>\n" if stripped.endswith("<think>") else ""
+
+
+def format_trace(steps: list[str], answer: str) -> str:
+    """A warm-up trace in the protocol's format: the sentences (each capitalised) in the think block, then the
+    answer block."""
+    text = " ".join(st[:1].upper() + st[1:] for st in steps)
+    return f"<think> {text} </think> <answer> {answer} </answer>"

@@ -20,7 +20,8 @@ def flag_values(args: argparse.Namespace, keys: dict[str, str]) -> dict[str, Any
 
 def load_command_config(cls, args: argparse.Namespace, flags: dict[str, str]):
     """Config from defaults <- --config YAML <- flags <- --set overrides."""
-    from .config import build_config, load_yaml, parse_overrides
+    from .config import build_config
+    from .configlib import load_yaml, parse_overrides
 
     sources = [load_yaml(args.config) if getattr(args, "config", None) else {}]
     return build_config(cls, sources + [flag_values(args, flags), parse_overrides(args.set or [])])
@@ -101,7 +102,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """The whole recipe in one run directory."""
-    from .config import build_pipeline_config, load_yaml, parse_overrides
+    from .config import build_pipeline_config
+    from .configlib import load_yaml, parse_overrides
     from .pipeline import run_pipeline
 
     out = Path(args.out or args.resume or "runs/pipeline")
@@ -220,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     da = sub.add_parser("data", help="write verified warm-up traces (JSONL of chat messages)")
     add_config_args(da)
-    da.add_argument("--source", default=None, choices=["scripted", "teacher", "api"], help="data.source")
+    da.add_argument("--source", default=None, choices=["auto", "scripted", "teacher", "api"], help="data.source")
     da.add_argument("--task", default=None)
     da.add_argument("--n", type=int, default=None, help="traces to keep (data.num_traces)")
     da.add_argument("--out", default="traces.jsonl")

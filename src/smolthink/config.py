@@ -7,36 +7,13 @@ Sections shared by every command live here once: `EvalConfig` (the held-out eval
 and the task scorer) and `DataConfig` (warm-up traces)."""
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import os
-import re
-import types
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence, TypeVar
 
-import yaml
-
+from .configlib import build, opt, section, to_dict
 from .errors import SmolthinkError
 
 T = TypeVar("T")
-
-
-def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-        lt: float | None = None, choices: Sequence[str] | None = None):
-    """A config field: its default, one line of documentation, and what values are allowed (bounds on a number,
-    or a fixed set of strings). Floats must also be finite."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def section(cls: type, help: str):
-    """A nested config section (a dataclass of its own), e.g. `eval: EvalConfig`."""
-    return field(default_factory=cls, metadata={"help": help})
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -75,17 +52,73 @@ class DataConfig:
     """Warm-up traces: where they come from and how many (`smolthink data`, the pipeline, `smolthink sft`)."""
 
     path: str = opt("", "traces JSONL to train SFT on (empty: generate them from `source`)")
-    source: str = opt("scripted", "scripted | teacher | api", choices=("scripted", "teacher", "api"))
+    source: str = opt("auto", "auto (per task: the scripted solver where one exists, else the local teacher, topped up "
+                      "with format-only traces) | scripted | teacher | api",
+                      choices=("auto", "scripted", "teacher", "api"))
     num_traces: int = opt(1280, "verified traces to keep", ge=1)
     balanced: bool = opt(True, "equal answer classes per task where a task has a small answer set")
-    teacher_model: str | None = opt(None, "local teacher for source=teacher (default: the policy's model)")
+    teacher_model: str | None = opt(None, "local teacher for source=teacher or auto (default: the policy's model)")
     samples_per_question: int = opt(4, "teacher samples per question (the first that verifies is kept)", ge=1)
     temperature: float = opt(0.8, "teacher sampling temperature", gt=0)
     max_new_tokens: int = opt(300, "teacher generation length", ge=1)
     top_up_rounds: int = opt(3, "extra rounds of fresh questions to replace rejected ones", ge=0)
+    teacher_questions: int = opt(64, "source=auto: questions the local teacher tries in all (split over the teacher "
+                                 "tasks by weight; samples_per_question samples each) before format-only top-up; "
+                                 "about 2 s a question on 2 cores with the embedded model", ge=0)
+    format_only_top_up: bool = opt(True, "source=auto: fill a teacher task's shortfall with short format-only traces "
+                                   "(the question restated, then the verified answer), labelled format_only; off: "
+                                   "a task no teacher trace verifies for stops the data stage")
     api_base_url: str | None = opt(None, "OpenAI-compatible base URL for source=api (default $OPENAI_BASE_URL)")
     api_model: str | None = opt(None, "API model name (default $OPENAI_MODEL; key from $OPENAI_API_KEY)")
     api_concurrency: int = opt(8, "concurrent API requests", ge=1, le=256)
+
+
+@dataclass
+class CurriculumConfig:
+    """Difficulty scheduling through reasoning-gym's own curricula (`grpo.curriculum.*`): fresh train questions are
+    generated at the current level of each task's difficulty attributes, raised when the rolling accuracy of the
+    last `window` groups of fresh questions is above `raise_above`, lowered below `lower_below`."""
+
+    enabled: bool = opt(False, "generate train questions at a moving difficulty level (tasks with a curriculum)")
+    attributes: list[str] = opt([], "attributes to move, 'attr' or 'task.attr' (empty: every attribute of each task)")
+    start_level: int | None = opt(None, "level every moved attribute starts at (None: the level that reproduces the "
+                                        "task's configured difficulty, else 0)", ge=0)
+    raise_above: float = opt(0.7, "raise one level when the window's group accuracy is above this", ge=0, le=1)
+    lower_below: float = opt(0.2, "lower one level when the window's group accuracy is below this", ge=0, le=1)
+    window: int = opt(16, "groups of fresh questions at the current level that decide a move", ge=1)
+
+
+@dataclass
+class ReplayConfig:
+    """Prioritised replay (`grpo.replay.*`): train questions the policy got wrong or right only sometimes are kept
+    with their latest group pass rate p and drawn again with weight 1 - p; solved questions (p = 1) leave."""
+
+    fraction: float = opt(0.0, "share of each rollout batch's questions drawn from the replay pool (0: off)",
+                          ge=0, le=1)
+    pool_size: int = opt(1024, "questions the pool holds (the oldest leave first)", ge=1)
+    max_repeats: int = opt(2, "times one question may be replayed before it leaves the pool", ge=1)
+
+
+@dataclass
+class PassKConfig:
+    """The pipeline's sampled eval (`passk.*`): k samples per question on the first n held-out questions, for the
+    SFT model, the GRPO model and the SFT-only control -> pass@k and mean@k."""
+
+    enabled: bool = opt(True, "run the pass@k / mean@k eval stage")
+    n: int = opt(100, "questions (the first n of the held-out eval set)", ge=1)
+    k: int = opt(4, "samples per question", ge=2)
+    temperature: float = opt(0.7, "sampling temperature", gt=0)
+    top_p: float = opt(0.95, "nucleus sampling", gt=0, le=1)
+
+
+@dataclass
+class TransferConfig:
+    """The transfer table (pipeline stage `transfer`): the base and the final model on reasoning-gym tasks outside
+    the training mixture, so a model that learned one task and forgot how to answer others shows."""
+
+    tasks: list[str] = opt(["letter_counting", "aiw", "gcd"], "tasks to evaluate (any in the training mixture are "
+                           "skipped; []: none); short answers the base model's prose sometimes gets right")
+    n: int = opt(50, "questions per transfer task (the eval section's other settings apply)", ge=1)
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -94,13 +127,19 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
-class StageConfig:
-    """Fields every training stage shares: model, task, LoRA, optimizer, schedule, checkpoints, eval, reward."""
+class RunArgs:
+    """What every command runs on: the model, the task, the base seed, the threads."""
 
     model: str | None = opt(None, "hub id, local dir, .gguf file, or None for the embedded SmolLM2-135M-Instruct")
     task: Any = opt("syllogism", "reasoning-gym task name, 'a:2,b:1' mixture, or list of {name, weight, config}")
-    seed: int = opt(0, "base seed: data, sampling, minibatch order")
+    seed: int = opt(0, "base seed: every other seed derives from it (seeds.derive_seed)")
     threads: int = opt(0, "torch threads (0: all cores)", ge=0)
+
+
+@dataclass
+class StageConfig(RunArgs):
+    """Fields every training stage shares: model, task, LoRA, optimizer, schedule, checkpoints, eval, reward."""
+
     use_lora: bool = opt(True, "train a LoRA adapter (False: full fine-tuning)")
     lora_r: int = opt(32, "LoRA rank", ge=1)
     lora_alpha: int = opt(64, "LoRA alpha", gt=0)
@@ -123,6 +162,8 @@ class StageConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
     adam_beta2: float = opt(0.99, "AdamW beta2", ge=0, lt=1)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", ge=0)
+    max_nonfinite_steps: int = opt(3, "stop the run after this many optimizer steps in a row skipped for a NaN or "
+                                      "inf loss or gradient", ge=1)
     max_steps: int = opt(10, "optimizer steps to train", ge=0)
     save_every: int = opt(0, "checkpoint every N optimizer steps (0: only at the end and on interrupt)", ge=0)
     keep_checkpoints: int = opt(2, "how many step checkpoints to keep", ge=1)
@@ -162,6 +203,8 @@ class GRPOConfig(StageConfig):
     engine: str = opt("auto", "rollout engine: auto | fast | hf", choices=("auto", "fast", "hf"))
     train_size: int = opt(5000, "train questions generated (disjoint from eval)", ge=1)
     sample_every: int = opt(5, "write samples/ every N steps (0: never)", ge=0)
+    curriculum: CurriculumConfig = section(CurriculumConfig, "difficulty scheduling (reasoning-gym curricula)")
+    replay: ReplayConfig = section(ReplayConfig, "prioritised replay of questions not yet solved every time")
 
 
 @dataclass
@@ -178,45 +221,41 @@ class SFTConfig(StageConfig):
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", ge=1)
     max_length: int = opt(512, "max tokens per training sequence (longer ones are dropped)", ge=2)
     log_every: int = opt(5, "console line every N steps", ge=1)
+    max_seconds: float = opt(0.0, "stop after this many seconds of training, checked between optimizer steps "
+                                  "(0: no limit)", ge=0)
 
 
 @dataclass
-class PipelineConfig:
-    """One YAML, one run directory: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> report.
-    Top-level keys apply to every stage; `sft:` and `grpo:` hold stage-specific overrides."""
+class PipelineConfig(RunArgs):
+    """One YAML, one run directory: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> SFT-only control
+    -> pass@k -> report. Top-level keys apply to every stage; `sft:`, `grpo:` and `control:` hold stage-specific
+    overrides."""
 
-    model: str | None = opt(None, "hub id, local dir, .gguf file, or None for the embedded SmolLM2-135M-Instruct")
-    task: Any = opt("syllogism", "reasoning-gym task or mixture")
-    seed: int = opt(0, "base seed")
-    threads: int = opt(0, "torch threads (0: all cores)", ge=0)
     eval: EvalConfig = section(EvalConfig, "held-out eval of every stage")
     reward: RewardConfig = section(RewardConfig, "reward parts and the task scorer")
     data: DataConfig = section(DataConfig, "warm-up traces")
+    transfer: TransferConfig = section(TransferConfig, "base vs final model on tasks outside the mixture")
     sft: dict = opt({}, "SFTConfig overrides for the SFT stage")
     grpo: dict = opt({}, "GRPOConfig overrides for the GRPO stage")
+    sft_control: bool = opt(True, "run the SFT-only control: SFT continued for the GRPO stage's wall time")
+    control: dict = opt({}, "SFTConfig overrides for the sft_control stage (after the `sft:` section's)")
+    passk: PassKConfig = section(PassKConfig, "pass@k / mean@k of the SFT, GRPO and control models")
 
 
 @dataclass
-class EvalRunConfig:
+class EvalRunConfig(RunArgs):
     """`smolthink eval`: one model on a task's held-out set."""
 
-    model: str | None = opt(None, "hub id, local dir, .gguf file, or None for the embedded SmolLM2-135M-Instruct")
-    task: Any = opt("syllogism", "reasoning-gym task or mixture")
-    seed: int = opt(0, "base seed (the eval set, sampling)")
-    threads: int = opt(0, "torch threads (0: all cores)", ge=0)
     engine: str = opt("auto", "generation engine: auto | fast | hf", choices=("auto", "fast", "hf"))
     eval: EvalConfig = section(EvalConfig, "held-out eval")
     reward: RewardConfig = section(RewardConfig, "reward parts and the task scorer")
 
 
 @dataclass
-class DataRunConfig:
-    """`smolthink data`: verified warm-up traces on train questions, never the eval set's."""
+class DataRunConfig(RunArgs):
+    """`smolthink data`: verified warm-up traces on train questions, never the eval set's (same seed as the eval;
+    `model` is the default local teacher)."""
 
-    model: str | None = opt(None, "the policy's model (the default local teacher)")
-    task: Any = opt("syllogism", "reasoning-gym task or mixture")
-    seed: int = opt(0, "base seed (the same as the eval's, so its questions are excluded)")
-    threads: int = opt(0, "torch threads (0: all cores)", ge=0)
     data: DataConfig = section(DataConfig, "warm-up traces")
     eval: EvalConfig = section(EvalConfig, "the held-out eval set whose questions are excluded")
     reward: RewardConfig = section(RewardConfig, "the task scorer that verifies each trace")
@@ -235,187 +274,10 @@ MOVED_KEYS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------- building
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted key a config class accepts (for close-match suggestions)."""
-    out = []
-    for name, hint in _hints(cls).items():
-        out.append(prefix + name)
-        if dataclasses.is_dataclass(hint):
-            out += _all_keys(hint, f"{prefix}{name}.")
-    return out
-
-
-def _collect(cls: type, src: Mapping, into: dict, prefix: str, root: type) -> None:
-    """Merge one source mapping (nested or dotted keys) into `into`, a nested dict shaped like `cls`."""
-    hints = _hints(cls)
-    for raw, value in src.items():
-        if not isinstance(raw, str):
-            raise SmolthinkError(f"config keys must be strings, got {raw!r}")
-        key = MOVED_KEYS.get(raw, raw) if not prefix else raw
-        head, dot, rest = key.partition(".")
-        if head not in hints:
-            close = difflib.get_close_matches(prefix + key, _all_keys(root), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise SmolthinkError(f"unknown config key '{prefix + key}'{hint}")
-        kind = hints[head]
-        if dataclasses.is_dataclass(kind):
-            sub = into.setdefault(head, {})
-            if dot:
-                _collect(kind, {rest: value}, sub, f"{prefix}{head}.", root)
-            elif isinstance(value, Mapping):
-                _collect(kind, value, sub, f"{prefix}{head}.", root)
-            elif value is not None:
-                raise SmolthinkError(f"config section '{prefix}{head}' takes a mapping of key: value, got {value!r}")
-        elif kind is dict:
-            sub = dict(into.get(head) or {})
-            if dot:
-                sub[rest] = value
-            elif isinstance(value, Mapping):
-                sub.update(value)
-            elif value is not None:
-                raise SmolthinkError(f"config key '{prefix}{head}' takes a mapping of key: value, got {value!r}")
-            into[head] = sub
-        elif dot:
-            raise SmolthinkError(f"unknown config key '{prefix}{key}' ('{prefix}{head}' is not a section)")
-        else:
-            into[head] = value
-
-
-def _describe_range(meta: Mapping[str, Any]) -> str:
-    """'one of a | b', '0 <= value < 1', 'value > 0', or ''."""
-    if meta.get("choices"):
-        return "one of " + " | ".join(meta["choices"])
-    lo = next((f"{meta[k]} {op} " for k, op in (("ge", "<="), ("gt", "<")) if meta.get(k) is not None), "")
-    hi = next((f" {op} {meta[k]}" for k, op in (("le", "<="), ("lt", "<")) if meta.get(k) is not None), "")
-    if lo and not hi:  # read a lone lower bound the natural way round: "value >= 0"
-        bound, op = lo.split()[0], lo.split()[1]
-        return f"value {'>=' if op == '<=' else '>'} {bound}"
-    return f"{lo}value{hi}" if hi else ""
-
-
-def _in_range(x: float, meta: Mapping[str, Any]) -> bool:
-    checks = (("ge", lambda b: x >= b), ("gt", lambda b: x > b), ("le", lambda b: x <= b), ("lt", lambda b: x < b))
-    return all(meta.get(k) is None or ok(meta[k]) for k, ok in checks)
-
-
-def show_value(value: Any, limit: int = 60) -> str:
-    """repr of a user's value for a one-line error, cut to `limit` characters (a 5,000-digit int has no repr)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return f"<a {type(value).__name__} too large to print>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-MAX_INT = 10**12  # no count, size or seed needs more; larger ints overflow float maths (schedules, ETAs)
-
-
-def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
-    """(the type inside `X | None`, whether None is allowed)."""
-    args = get_args(hint)
-    if get_origin(hint) in (Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else Any), True
-    return hint, hint is Any
-
-
-def coerce_value(name: str, value: Any, hint: Any, meta: Mapping[str, Any] | None = None) -> Any:
-    """Check one value against its field's type and allowed range -> the typed value, or a one-line error."""
-    meta = meta or {}
-    kind, optional = _unwrap_optional(hint)
-
-    def bad(expected: str) -> SmolthinkError:
-        return SmolthinkError(f"bad value for {name}: {show_value(value)} (expected {expected})")
-
-    if value is None:
-        if optional:
-            return None
-        raise bad(f"a value of type {getattr(kind, '__name__', kind)}")
-    if kind is Any:
-        return value
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if kind in (int, float):
-        number = _number(value, integer=kind is int)
-        if number is None:
-            raise bad("an integer" if kind is int else "a number")
-        if kind is int and abs(number) > MAX_INT:
-            raise bad(f"an integer of at most {MAX_INT:.0e} in size")
-        if kind is float and not math.isfinite(number):
-            raise bad("a finite number")
-        if not _in_range(number, meta):
-            raise bad(_describe_range(meta))
-        return number
-    if kind is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        if meta.get("choices") and value not in meta["choices"]:
-            raise bad(_describe_range(meta))
-        return value
-    if kind is list or get_origin(kind) is list:
-        item = (get_args(kind) or (Any,))[0]
-        if not isinstance(value, (list, tuple)) or (item is str and not all(isinstance(v, str) for v in value)):
-            raise bad("a list of strings" if item is str else "a list")
-        return list(value)
-    if kind is dict:
-        if not isinstance(value, Mapping):
-            raise bad("a mapping")
-        return dict(value)
-    return value
-
-
-def _number(value: Any, integer: bool) -> int | float | None:
-    """A YAML / --set value as an int or float, or None when it is not one (bools are not numbers)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if integer else float(value)
-    try:
-        number = float(value) if isinstance(value, (float, str)) else None
-    except (ValueError, OverflowError):
-        return None
-    if number is None or not integer:
-        return number
-    if isinstance(value, str) and not re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return None
-    if not math.isfinite(number) or not number.is_integer():
-        return None
-    return int(value) if isinstance(value, str) else int(number)
-
-
-def _construct(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
-    hints = _hints(cls)
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in values:
-            continue
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _construct(hint, values[f.name], f"{prefix}{f.name}.")
-        else:
-            kwargs[f.name] = coerce_value(prefix + f.name, values[f.name], hint, f.metadata)
-    return cls(**kwargs)
-
-
 def build_config(cls: type[T], sources: Sequence[Mapping[str, Any] | None]) -> T:
-    """Merge mappings (later wins; nested sections or dotted keys) into a validated `cls`."""
-    merged: dict[str, Any] = {}
-    for src in sources:
-        if src is None:
-            continue
-        if not isinstance(src, Mapping):
-            raise SmolthinkError(f"a config must be a mapping of key: value, got {type(src).__name__}")
-        _collect(cls, src, merged, "", cls)
-    cfg = _construct(cls, merged)
+    """Merge mappings (later wins; nested sections or dotted keys; MOVED_KEYS read under their new names) into a
+    validated `cls`."""
+    cfg = build(cls, sources, MOVED_KEYS)
     validate(cfg)
     return cfg
 
@@ -430,6 +292,8 @@ def validate(cfg: Any) -> None:
         from .tasks import parse_tasks
 
         parse_tasks(cfg.task)
+    if isinstance(getattr(cfg, "transfer", None), TransferConfig) and cfg.transfer.tasks:
+        parse_tasks(cfg.transfer.tasks)
     ev = getattr(cfg, "eval", None)
     if isinstance(ev, EvalConfig):
         need(ev.samples == 1 or ev.temperature > 0, "eval.samples > 1 needs eval.temperature > 0 (e.g. 0.7)")
@@ -439,52 +303,13 @@ def validate(cfg: Any) -> None:
     if isinstance(cfg, GRPOConfig):
         need(cfg.buffer_size >= cfg.minibatch_size, "buffer_size must be >= minibatch_size")
         need(cfg.train_size >= cfg.prompts_per_rollout, "train_size must be >= prompts_per_rollout")
+        cur = cfg.curriculum
+        need(cur.lower_below < cur.raise_above, "curriculum.lower_below must be < curriculum.raise_above")
+        if cur.enabled:
+            from .curriculum import build_curricula
+            from .tasks import parse_tasks
 
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as a plain nested dict (for config.yaml in the run directory)."""
-    return dataclasses.asdict(cfg)
-
-
-def config_yaml(cfg: Any) -> str:
-    """The resolved config as YAML text."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping, failing with one line on a missing, unreadable or malformed file."""
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise SmolthinkError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise SmolthinkError(f"config path is a directory, not a YAML file: {path}") from None
-    except UnicodeDecodeError:
-        raise SmolthinkError(f"config file is not UTF-8 text: {path}") from None
-    except OSError as e:
-        raise SmolthinkError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise SmolthinkError(f"bad YAML in {path}: {str(e).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SmolthinkError(f"{path} must hold a mapping of key: value")
-    return data
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """`key=value` strings -> dict, values parsed as YAML scalars (`lr=1e-6`, `use_lora=false`)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SmolthinkError(f"--set expects key=value, got '{item}'")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
+            build_curricula(parse_tasks(cfg.task), cur)  # unknown attributes, levels out of range: one line
 
 
 def build_pipeline_config(sources: Sequence[Mapping[str, Any] | None]) -> PipelineConfig:
@@ -492,15 +317,32 @@ def build_pipeline_config(sources: Sequence[Mapping[str, Any] | None]) -> Pipeli
     cfg = build_config(PipelineConfig, sources)
     stage_config(cfg, SFTConfig)
     stage_config(cfg, GRPOConfig)
+    control_config(cfg)
     return cfg
+
+
+def _shared(cfg: PipelineConfig, cls: type) -> dict[str, Any]:
+    """The pipeline's keys every stage of class `cls` takes."""
+    shared = {**{f.name: getattr(cfg, f.name) for f in fields(RunArgs)}, "eval": to_dict(cfg.eval),
+              "reward": to_dict(cfg.reward)}
+    if cls is SFTConfig:
+        shared["data"] = to_dict(cfg.data)
+    return shared
 
 
 def stage_config(cfg: PipelineConfig, cls: type[T], **fixed: Any) -> T:
     """The config of one pipeline stage: the pipeline's shared keys, then `fixed` (what the pipeline wires, e.g.
     the SFT model path), then the stage's own section."""
-    shared = {"model": cfg.model, "task": cfg.task, "seed": cfg.seed, "threads": cfg.threads,
-              "eval": to_dict(cfg.eval), "reward": to_dict(cfg.reward)}
-    if cls is SFTConfig:
-        shared["data"] = to_dict(cfg.data)
     own = cfg.sft if cls is SFTConfig else cfg.grpo
-    return build_config(cls, [shared, fixed, own])
+    return build_config(cls, [_shared(cfg, cls), fixed, own])
+
+
+# The sft_control stage's own defaults: its length is set by the clock (`max_seconds`), so its step cap is out of
+# the way and its learning rate constant after warm-up (a decay needs a known step count).
+CONTROL_DEFAULTS = {"max_steps": 0, "num_epochs": 10_000, "lr_scheduler_type": "constant"}
+
+
+def control_config(cfg: PipelineConfig, **fixed: Any) -> SFTConfig:
+    """The sft_control stage's config: the SFT stage's (shared keys, `sft:`), then CONTROL_DEFAULTS, then the
+    `control:` section, then `fixed` (the pipeline's wiring: start model, traces, time budget)."""
+    return build_config(SFTConfig, [_shared(cfg, SFTConfig), cfg.sft, CONTROL_DEFAULTS, cfg.control, fixed])

@@ -24,11 +24,14 @@ from urllib.parse import urlparse
 
 from .chat import SYSTEM_PROMPT, build_messages, format_ok
 from .config import DataConfig, RewardConfig
+from .data_auto import (FORMAT_ONLY, check_yield, format_only_candidates, question_caps, shortfall, source_groups,
+                        task_sources, task_yield, yield_lines)
 from .errors import SmolthinkError
 from .log import progress_bar
 from .rewards import score_completions
 from .rundir import write_json, write_jsonl
-from .tasks import TaskSpec, make_examples
+from .seeds import derive_seed
+from .tasks import TaskSpec, make_examples, reference_answer
 from .types import Example
 
 log = logging.getLogger(__name__)
@@ -69,20 +72,9 @@ def verify(traces: Sequence[str | None], examples: Sequence[Example], scorer, sp
     return reasons
 
 
-def hint_answer(ex: Example) -> str:
-    """The answer a teacher is told: the gold answer, or for checker-verified tasks (gold None, e.g.
-    propositional_logic) one valid answer from the item's metadata."""
-    if ex.answer is not None:
-        return str(ex.answer)
-    meta = ex.entry.get("metadata") or {}
-    if meta.get("example_answer") is not None:
-        return str(meta["example_answer"])
-    raise SmolthinkError(f"task '{ex.task}' has no gold answer and no metadata example_answer to hint with")
-
-
 def hinted_messages(ex: Example) -> list[dict[str, str]]:
     """System prompt + the question followed by the answer hint (what a teacher sees)."""
-    return build_messages(f"{ex.question}\n\n{HINT.format(answer=hint_answer(ex))}")
+    return build_messages(f"{ex.question}\n\n{HINT.format(answer=reference_answer(ex))}")
 
 
 def trace_row(ex: Example, trace: str, source: str) -> dict[str, Any]:
@@ -108,7 +100,7 @@ def scripted_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig,
         if missing:
             raise SmolthinkError(f"no scripted solver for {', '.join(missing)} (supported: "
                                  f"{', '.join(sorted(solvers.SUPPORTED_TASKS))}); use --source teacher or api")
-    return [[solve(ex.task, ex.entry, random.Random(f"{seed}-{ex.id}"))] for ex in examples], {}
+    return [[solve(ex.task, ex.entry, random.Random(derive_seed(seed, "scripted", ex.id)))] for ex in examples], {}
 
 
 def teacher_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, model=None, tokenizer=None,
@@ -129,7 +121,7 @@ def teacher_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, 
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
             prompts = [render_prompt(tokenizer, hinted_messages(ex)) for ex in batch]
-            rows = eng.generate(model, prompts, cfg.samples_per_question, sampling, seed=seed * 7919 + start)
+            rows = eng.generate(model, prompts, cfg.samples_per_question, sampling, seed=derive_seed(seed, "teacher", start))
             for prompt, row in zip(prompts, rows):
                 out.append([tokenizer.decode(r.completion_ids, skip_special_tokens=True).strip() for r in row])
                 counters["prompt_tokens"] += len(prompt) * len(row)
@@ -167,7 +159,7 @@ def api_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, teac
     for k, ex in enumerate(examples):
         messages = hinted_messages(ex)
         body = {"messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens,
-                "n": cfg.samples_per_question, "seed": seed * 1_000_003 + k}
+                "n": cfg.samples_per_question, "seed": derive_seed(seed, "api", k)}
         ident = json.dumps([teacher.base_url, teacher.model, body], ensure_ascii=False, sort_keys=True)
         requests.append({"key": hashlib.sha256(ident.encode()).hexdigest()[:40], **body})
     responses = teacher.complete_many(requests)
@@ -204,7 +196,9 @@ def _plain(obj: Any) -> Any:
     return obj if isinstance(obj, (int, float, str, bool)) or obj is None else str(obj)
 
 
-GENERATORS = {"scripted": scripted_candidates, "teacher": teacher_candidates, "api": api_candidates}
+GENERATORS = {"scripted": scripted_candidates, "teacher": teacher_candidates, "api": api_candidates,
+              FORMAT_ONLY: format_only_candidates}
+HINTED = ("teacher", "api")  # sources that saw the answer hint: their traces are checked for leaks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,7 +250,7 @@ def _run_round(source: str, cfg: DataConfig, examples: list[Example], seed: int,
     tally.extra = _merge_counters(tally.extra, more)
     flat_ex = [ex for ex, cands in zip(examples, candidates) for _ in cands]
     flat = [c for cands in candidates for c in cands]
-    verdicts = verify(flat, flat_ex, scorer, specs, check_hint_leak=source != "scripted")
+    verdicts = verify(flat, flat_ex, scorer, specs, check_hint_leak=source in HINTED)
     pos = 0
     for ex, cands in zip(examples, candidates):
         mine = verdicts[pos : pos + len(cands)]
@@ -266,22 +260,23 @@ def _run_round(source: str, cfg: DataConfig, examples: list[Example], seed: int,
         tally.questions += 1
         banned.add(ex.question)
         counts = tally.by_task[ex.task]
-        counts["questions"] += 1
+        counts.update(["questions", f"questions/{source}"])
         keep = next((c for c, v in zip(cands, mine) if v is None), None)
         if keep is not None:
             tally.rows.append(trace_row(ex, keep, source))
-            counts["kept"] += 1
+            counts.update(["kept", f"kept/{source}"])
         else:  # the most informative reason among its samples: wrong > leak > format > none
-            tally.reasons[next(r for r in ("wrong", "leaks_hint", "format", "no_trace") if r in mine)] += 1
-            counts["rejected"] += 1
+            reason = next(r for r in ("wrong", "leaks_hint", "format", "no_trace") if r in mine)
+            tally.reasons[reason] += 1
+            counts.update(["rejected", f"rejected/{reason}"])
 
 
-def _top_up_questions(cfg: DataConfig, specs: Sequence[TaskSpec], target: Counter, tally: _Tally, seed: int,
+def _top_up_questions(cfg: DataConfig, specs: Sequence[TaskSpec], want: Counter, seed: int,
                       banned: set[str]) -> list[Example]:
-    """Fresh questions for each task's shortfall, so a mixture keeps its proportions."""
+    """Fresh questions for each task: `want[task]` of them, so a mixture keeps its proportions."""
     examples: list[Example] = []
     for spec in specs:
-        short = target[spec.name] - tally.by_task[spec.name]["kept"]
+        short = want[spec.name]
         if short <= 0 or any(e.task == spec.name for e in examples):
             continue
         try:
@@ -291,8 +286,30 @@ def _top_up_questions(cfg: DataConfig, specs: Sequence[TaskSpec], target: Counte
     return examples
 
 
+def _kept(tally: _Tally) -> dict[str, int]:
+    """{task: traces kept so far}."""
+    return {t: c["kept"] for t, c in tally.by_task.items()}
+
+
+def _collect(source: str, cfg: DataConfig, examples: list[Example], seed: int, scorer, specs: Sequence[TaskSpec],
+             group: Sequence[TaskSpec], target: Counter, caps: dict[str, int], tally: _Tally, banned: set[str],
+             gen_kwargs: dict[str, Any]) -> None:
+    """Round 0 on `examples`, then up to cfg.top_up_rounds rounds of fresh questions for the shortfall of the
+    group's tasks (within their question caps)."""
+    names = [s.name for s in group]
+    for k in range(cfg.top_up_rounds + 1):
+        if not examples:
+            return
+        _run_round(source, cfg, examples, derive_seed(seed, "round", tally.rounds), scorer, specs, tally, banned,
+                   gen_kwargs)
+        if k < cfg.top_up_rounds:
+            asked = {t: tally.by_task[t][f"questions/{source}"] for t in names}
+            want = shortfall(target, _kept(tally), names, caps, asked)
+            examples = _top_up_questions(cfg, group, want, derive_seed(seed, "top-up", tally.rounds), banned)
+
+
 def _trace_stats(source: str, cfg: DataConfig, specs: Sequence[TaskSpec], seed: int, out_path: Path,
-                 target: Counter, tally: _Tally, seconds: float) -> dict[str, Any]:
+                 target: Counter, tally: _Tally, seconds: float, sources: dict[str, str]) -> dict[str, Any]:
     """The data stage's record: yield overall and per task, rejections by reason, answers, cost."""
     kept, questions = len(tally.rows), tally.questions
     return {
@@ -300,9 +317,8 @@ def _trace_stats(source: str, cfg: DataConfig, specs: Sequence[TaskSpec], seed: 
         "requested": cfg.num_traces, "balanced": cfg.balanced, "questions": questions, "rounds": tally.rounds,
         "kept": kept, "rejected": questions - kept, "rejection_rate": (questions - kept) / max(questions, 1),
         "rejected_by_reason": {r: tally.reasons.get(r, 0) for r in REJECT_REASONS},
-        "by_task": {t: {"target": target[t], "questions": c["questions"], "kept": c["kept"],
-                        "rejected": c["rejected"], "rejection_rate": c["rejected"] / max(c["questions"], 1)}
-                    for t, c in sorted(tally.by_task.items())},
+        "kept_by_source": dict(Counter(r["source"] for r in tally.rows)),
+        "by_task": {t: task_yield(c, sources[t], target[t], REJECT_REASONS) for t, c in sorted(tally.by_task.items())},
         "answer_distribution": dict(Counter(str(r["answer"]) for r in tally.rows).most_common(10)),
         "samples_per_question": 1 if source == "scripted" else cfg.samples_per_question,
         "samples": tally.samples, "samples_verified": tally.samples_ok,
@@ -322,43 +338,52 @@ def make_traces(cfg: DataConfig, specs: Sequence[TaskSpec], seed: int, out_path:
     cfg.source: "scripted" (solvers.solve; `solver` replaces it, a seam for tests and custom tasks), "teacher"
     (the local `model`, else cfg.teacher_model or `policy_model` loaded now, shown the answer,
     cfg.samples_per_question samples, the first verified one kept), "api"
-    (the same prompt through APITeacher). Round 0 takes num_traces questions split over the mixture by weight
-    (cfg.balanced: equal answer classes per task where the task has a small answer set, so syllogism's natural
-    2:1 Yes:No skew does not teach a Yes prior); up to cfg.top_up_rounds further rounds draw fresh questions for
-    each task's shortfall. The task scorer runs in the sandbox with `reward.scorer_timeout`. Nothing unverified
-    is written."""
+    (the same prompt through APITeacher), "auto" (per task: scripted where a solver exists, else the teacher
+    within the cfg.teacher_questions budget, then format-only top-up: see `data_auto`). Round 0 takes each
+    source's share of num_traces questions split over its tasks by weight (cfg.balanced: equal answer classes per
+    task where the task has a small answer set, so syllogism's natural 2:1 Yes:No skew does not teach a Yes
+    prior); up to cfg.top_up_rounds further rounds draw fresh questions for each task's shortfall. The task scorer
+    runs in the sandbox with `reward.scorer_timeout`. Nothing unverified is written."""
     from .sandbox import Scorer
     from .tasks import split_counts
 
-    source, reward = cfg.source, reward or RewardConfig()
-    if source == "api":
+    source, reward, specs = cfg.source, reward or RewardConfig(), list(specs)
+    sources = task_sources(source, specs)
+    if "api" in sources.values():
         _api_settings(cfg, teacher_kwargs)  # fail before generating any question
-    if source == "teacher" and model is None:
+    if "teacher" in sources.values() and model is None:
         from .models import load_model
 
         model, tokenizer = load_model(cfg.teacher_model or policy_model)
     t0 = time.time()
-    specs = list(specs)
     target = Counter()
     for spec, k in zip(specs, split_counts(specs, cfg.num_traces)):
         target[spec.name] += k
     banned = set(exclude_questions)
     tally = _Tally(by_task={name: Counter() for name in target})
     gen_kwargs = {"model": model, "tokenizer": tokenizer, "solver": solver, "teacher_kwargs": teacher_kwargs}
-    examples = make_examples(specs, cfg.num_traces, seed, "train", balanced=cfg.balanced, exclude=banned)
+    caps = question_caps(cfg, specs, sources)
     with Scorer(timeout=reward.scorer_timeout) as scorer:
-        while examples:
-            _run_round(source, cfg, examples, seed + 1000 * tally.rounds, scorer, specs, tally, banned, gen_kwargs)
-            if tally.rounds > cfg.top_up_rounds:
-                break
-            examples = _top_up_questions(cfg, specs, target, tally, seed + 1000 * tally.rounds, banned)
+        for src, group in source_groups(specs, sources):
+            n = sum(min(target[s.name], caps.get(s.name, target[s.name])) for s in group)
+            examples = make_examples(group, n, seed, "train", balanced=cfg.balanced, exclude=banned) if n else []
+            _collect(src, cfg, examples, seed, scorer, specs, group, target, caps, tally, banned, gen_kwargs)
+        auto_top_up = source == "auto" and cfg.format_only_top_up
+        topped = [s for s in specs if sources[s.name] == "teacher"] if auto_top_up else []
+        if topped:
+            want = shortfall(target, _kept(tally), [s.name for s in topped], {}, {})
+            examples = _top_up_questions(cfg, topped, want, derive_seed(seed, FORMAT_ONLY), banned)
+            _collect(FORMAT_ONLY, cfg, examples, seed, scorer, specs, topped, target, {}, tally, banned, gen_kwargs)
+    stats = _trace_stats(source, cfg, specs, seed, Path(out_path), target, tally, time.time() - t0, sources)
+    check_yield(cfg, sources, stats["by_task"])
     write_jsonl(out_path, tally.rows)
-    stats = _trace_stats(source, cfg, specs, seed, Path(out_path), target, tally, time.time() - t0)
     write_json(Path(stats_path) if stats_path else stats_path_for(out_path), stats)
     log.info("%s traces: kept %d of %d (%d questions in %d round(s), rejection rate %.1f%%: %s) in %.1fs -> %s",
              source, stats["kept"], cfg.num_traces, stats["questions"], tally.rounds, 100 * stats["rejection_rate"],
              ", ".join(f"{k} {v}" for k, v in stats["rejected_by_reason"].items() if v) or "none",
              stats["seconds"], out_path)
+    for line in yield_lines(stats):
+        log.info("  %s", line)
     return stats
 
 

@@ -14,6 +14,7 @@ from .chat import answer_label, extract_answer
 from .config import EvalConfig, RewardConfig
 from .rewards import score_completions
 from .rundir import write_json, write_jsonl
+from .seeds import derive_seed
 from .tasks import TaskSpec, majority_class, make_examples
 from .types import Example, RewardParts, SamplingParams
 
@@ -49,9 +50,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
+# The fields of a mixture's per-task breakdown (`summary["per_task"][task]`).
+PER_TASK_KEYS = ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "per_class_accuracy", "majority_class",
+                 "majority_baseline", "format_rate", "mean_reward", "mean_completion_len", "truncated_frac", "pass@k")
+
+
 def summarize(examples: Sequence[Example], parts: Sequence[Sequence[RewardParts]], completions: Sequence[Sequence[str]],
               lengths: Sequence[Sequence[int]], truncated: Sequence[Sequence[bool]]) -> dict[str, Any]:
-    """Metrics from per-question lists of k scored completions ([question][sample])."""
+    """Metrics from per-question lists of k scored completions ([question][sample]); a mixture's summary adds
+    `per_task`: {task: the PER_TASK_KEYS of that task's questions alone}."""
     k = len(parts[0]) if parts else 1
     flat = [p for row in parts for p in row]
     n_q = len(examples)
@@ -91,8 +98,18 @@ def summarize(examples: Sequence[Example], parts: Sequence[Sequence[RewardParts]
         "mean@k": None,
     }
     if k > 1:
-        summary["pass@k"] = sum(pass_at_k(k, int(sum(p.correct for p in row)), k) for row in parts) / n_q
+        # with exactly k samples, pass@k of a question is 1 when any sample is right: a proportion, Wilson interval
+        passed = sum(pass_at_k(k, int(sum(p.correct for p in row)), k) for row in parts)
+        summary["pass@k"] = passed / n_q
+        summary["pass@k_ci95"] = list(wilson_interval(passed, n_q))
         summary["mean@k"] = acc
+    tasks = sorted({ex.task for ex in examples})
+    if len(tasks) > 1:
+        summary["per_task"] = {}
+        for task in tasks:
+            idx = [i for i, ex in enumerate(examples) if ex.task == task]
+            sub = summarize(*([seq[i] for i in idx] for seq in (examples, parts, completions, lengths, truncated)))
+            summary["per_task"][task] = {key: sub[key] for key in PER_TASK_KEYS}
     return summary
 
 
@@ -120,7 +137,7 @@ def evaluate(
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         rollouts = engine.generate(model, prompts[start : start + batch_size], samples_per_question, sampling,
-                                   seed=seed + start)
+                                   seed=derive_seed(seed, "eval", start))
         for ex, row in zip(batch, rollouts):
             texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in row]
             parts = score_completions(texts, [ex] * len(row), [len(r.completion_ids) for r in row], scorer, specs,

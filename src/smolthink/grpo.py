@@ -91,18 +91,7 @@ def policy_loss(
     "clip/frac_low" (r < 1 - epsilon with A < 0), "clip/frac_high" (r > 1 + epsilon_high with A > 0),
     "clip/frac" (either: tokens whose gradient the clip zeroed), "ratio/mean", "ratio/min", "ratio/max".
     """
-    if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
-        raise ValueError(f"logp, old_logp, mask must share one [N, T] shape, got {tuple(logp.shape)}, "
-                         f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
-    if adv.shape != logp.shape[:1]:
-        raise ValueError(f"adv must be [N] = [{logp.shape[0]}], got {tuple(adv.shape)}")
-    for name, t in (("ref_logp", ref_logp), ("entropy", entropy)):
-        if t is not None and t.shape != logp.shape:
-            raise ValueError(f"{name} must be {tuple(logp.shape)}, got {tuple(t.shape)}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if loss_type == "dr_grpo" and not max_completion_length:
-        raise ValueError("loss_type dr_grpo needs max_completion_length")
+    _check_inputs(logp, old_logp, adv, mask, ref_logp, entropy, loss_type, max_completion_length)
 
     maskb = mask.bool()  # [N, T]
     zeros = torch.zeros_like(logp)  # [N, T]
@@ -138,21 +127,46 @@ def policy_loss(
     else:  # dr_grpo
         loss = per_token.sum() / (max(n_seq, 1) * max_completion_length)
 
-    with torch.no_grad():
-        n = maskb.sum().clamp(min=1).to(logp.dtype)  # scalar token count
-        low = (ratio < 1 - eps_low) & (a < 0) & maskb  # [N, T] clipped from below (negative advantage)
-        high = (ratio > 1 + eps_high) & (a > 0) & maskb  # [N, T] clipped from above (positive advantage)
-        masked_ratio = ratio[maskb]  # [K]
-        one = logp.new_ones(())
-        stats = {
-            "loss/policy": surrogate.sum() / n,
-            "loss/kl": kl.sum() / n if kl is not None else logp.new_zeros(()),
-            "loss/entropy": ent.sum() / n if ent is not None else logp.new_zeros(()),
-            "clip/frac_low": low.sum() / n,
-            "clip/frac_high": high.sum() / n,
-            "clip/frac": (low | high).sum() / n,
-            "ratio/mean": masked_ratio.mean() if masked_ratio.numel() else one,
-            "ratio/min": masked_ratio.min() if masked_ratio.numel() else one,
-            "ratio/max": masked_ratio.max() if masked_ratio.numel() else one,
-        }
-    return loss, {k: v.detach() for k, v in stats.items()}
+    stats = _loss_stats(surrogate, ratio, a, maskb, kl, ent, eps_low, eps_high)
+    return loss, stats
+
+
+def _check_inputs(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, ref_logp: Tensor | None,
+                  entropy: Tensor | None, loss_type: str, max_completion_length: int | None) -> None:
+    """Shapes and options of policy_loss, checked before any math."""
+    if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
+        raise ValueError(f"logp, old_logp, mask must share one [N, T] shape, got {tuple(logp.shape)}, "
+                         f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
+    if adv.shape != logp.shape[:1]:
+        raise ValueError(f"adv must be [N] = [{logp.shape[0]}], got {tuple(adv.shape)}")
+    for name, t in (("ref_logp", ref_logp), ("entropy", entropy)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} must be {tuple(logp.shape)}, got {tuple(t.shape)}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type dr_grpo needs max_completion_length")
+
+
+@torch.no_grad()
+def _loss_stats(surrogate: Tensor, ratio: Tensor, a: Tensor, maskb: Tensor, kl: Tensor | None, ent: Tensor | None,
+                eps_low: float, eps_high: float) -> dict[str, Tensor]:
+    """policy_loss's detached stats: token means over the mask of the surrogate, KL, entropy, clip fractions, and
+    the ratio's mean / min / max. surrogate, ratio, maskb, kl, ent: [N, T]; a: [N, 1]."""
+    n = maskb.sum().clamp(min=1).to(surrogate.dtype)  # scalar token count
+    low = (ratio < 1 - eps_low) & (a < 0) & maskb  # [N, T] clipped from below (negative advantage)
+    high = (ratio > 1 + eps_high) & (a > 0) & maskb  # [N, T] clipped from above (positive advantage)
+    masked_ratio = ratio[maskb]  # [K]
+    one = surrogate.new_ones(())
+    stats = {
+        "loss/policy": surrogate.sum() / n,
+        "loss/kl": kl.sum() / n if kl is not None else surrogate.new_zeros(()),
+        "loss/entropy": ent.sum() / n if ent is not None else surrogate.new_zeros(()),
+        "clip/frac_low": low.sum() / n,
+        "clip/frac_high": high.sum() / n,
+        "clip/frac": (low | high).sum() / n,
+        "ratio/mean": masked_ratio.mean() if masked_ratio.numel() else one,
+        "ratio/min": masked_ratio.min() if masked_ratio.numel() else one,
+        "ratio/max": masked_ratio.max() if masked_ratio.numel() else one,
+    }
+    return {k: v.detach() for k, v in stats.items()}

@@ -3,15 +3,18 @@
 * `TrainContext`: what every stage builds at set-up (policy, tokenizer, accelerate, optimizer, schedule, oneDNN
   layers, scorer, held-out evaluator), typed;
 * `build_context`: that set-up;
-* `training_run(out_dir, resume)`: a context manager owning the run directory's life: resume checks, leftovers
-  of killed writes, Ctrl-C / SIGTERM (finish the step, checkpoint, stop), the metrics writer, per-step logging
-  with ETA, periodic, interrupt and final checkpoints, the final eval and model, and DONE;
-* `clip_and_step`: clip, optimizer step, zero grads (the one grad-norm line).
+* `training_run(out_dir, resume)`: a context manager owning the run directory's life: which checkpoint to
+  continue from (`open_run`), leftovers of killed writes, Ctrl-C / SIGTERM (finish the step, checkpoint, stop),
+  the metrics writer, per-step logging with ETA, the stop after too many non-finite steps, periodic, interrupt and
+  final checkpoints, the final eval and model, and DONE;
+* `clip_and_step`: clip, optimizer step unless the loss or gradient is NaN/inf, zero grads (the one grad-norm
+  line).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import signal
 import time
@@ -21,13 +24,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import latest_checkpoint
-from .config import StageConfig, config_yaml
+from .checkpoint import MANIFEST, Checkpoint, newest_intact, step_dirs
+from .config import StageConfig
+from .configlib import config_yaml
 from .errors import SmolthinkError
 from .evaluate import Evaluator, eval_metrics, make_evaluator
 from .log import MetricsWriter, console, eval_table
 from .onednn import OneDNNLinears
-from .rundir import RunDir, atomic_write, remove_leftovers
+from .rundir import RunDir, atomic_write, discard, remove_leftovers
 from .runtime import make_optimizer, make_scheduler, peak_rss_gb, set_threads, trim_heap
 from .tasks import TaskSpec, parse_tasks
 
@@ -90,18 +94,22 @@ def build_context(cls: type, cfg: StageConfig, run: RunDir, total_steps: int, mo
                scorer=scorer, evaluator=evaluator, **extra)
 
 
-def clip_and_step(ctx: TrainContext) -> float:
-    """Clip gradients (when max_grad_norm > 0), step the optimizer and the schedule, zero the gradients ->
-    the pre-clip gradient norm."""
+def clip_and_step(ctx: TrainContext, loss: float) -> dict[str, float]:
+    """Clip gradients (when max_grad_norm > 0), step the optimizer and the schedule, zero the gradients. A step
+    whose `loss` (the step's summed loss) or gradient norm is NaN or inf is skipped: weights, optimizer moments and
+    the schedule stay as they were, and only the gradients are dropped -> {"grad_norm": the pre-clip norm,
+    "train/skipped_nonfinite": 1.0 when skipped, else 0.0}."""
     params = ctx.params
     if ctx.cfg.max_grad_norm > 0:
         norm = float(ctx.accelerator.clip_grad_norm_(params, ctx.cfg.max_grad_norm))
     else:
         norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-    ctx.optimizer.step()
+    finite = math.isfinite(loss) and math.isfinite(norm)  # both already on the host: no extra sync
+    if finite:
+        ctx.optimizer.step()
+        ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
-    ctx.scheduler.step()
-    return norm
+    return {"grad_norm": norm, "train/skipped_nonfinite": 0.0 if finite else 1.0}
 
 
 def run_eval(ctx: TrainContext, step: int) -> dict[str, Any]:
@@ -119,7 +127,7 @@ class TrainingRun:
     optimizer step, and returns `finish(...)`."""
 
     run: RunDir
-    resume_from: Path | None  # the checkpoint to continue from (None: a fresh run)
+    resume_from: Checkpoint | None  # the checkpoint to continue from, read and verified (None: from step 0)
     stop_signal: str | None = None  # set by the first Ctrl-C / SIGTERM: finish this step, checkpoint, stop
     metrics: MetricsWriter | None = None
     ctx: TrainContext | None = None
@@ -127,6 +135,7 @@ class TrainingRun:
     t_start: float = field(default_factory=time.time)
     steps_timed: int = 0
     t_step: float = field(default_factory=time.time)
+    nonfinite_streak: int = 0  # optimizer steps skipped in a row for a NaN/inf loss or gradient
 
     @property
     def stopping(self) -> bool:
@@ -139,14 +148,16 @@ class TrainingRun:
         self.ctx, self.save = ctx, save
         if self.resume_from is None:
             atomic_write(self.run.config, config_yaml(config if config is not None else ctx.cfg))
-        self.metrics = MetricsWriter(self.run.metrics, truncate_after_step=step if self.resume_from else None)
+        self.metrics = MetricsWriter(self.run.metrics,
+                                     truncate_after_step=step if self.resume_from is not None else None)
         if self.resume_from is None and ctx.cfg.eval.n > 0 and ctx.cfg.eval.at_start:
             run_eval(ctx, 0)
         self.t_start = self.t_step = time.time()
 
     def end_step(self, step: int, total: int, metrics: dict[str, Any], line: Callable[..., str]) -> None:
         """After optimizer step `step` of `total`: add memory and step time, evaluate when due, write the metrics
-        row, print the console line with its ETA every log_every steps, checkpoint when due."""
+        row, print the console line with its ETA every log_every steps, stop after max_nonfinite_steps skipped steps
+        in a row (SmolthinkError), checkpoint when due."""
         cfg = self.ctx.cfg
         trim_heap()  # activations and merged weights are gone: hand their pages back
         metrics.update({"perf/peak_rss_gb": peak_rss_gb(), "perf/step_s": time.time() - self.t_step})
@@ -157,13 +168,30 @@ class TrainingRun:
         eta = (time.time() - self.t_start) / self.steps_timed * (total - step)
         if step % cfg.log_every == 0 or step == total or step == 1:
             console.print(line(step, total, metrics, metrics["perf/step_s"], eta), soft_wrap=True, markup=False)
+        self.check_nonfinite(step, metrics["train/skipped_nonfinite"])
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             self.save()
         self.t_step = time.time()
 
+    def check_nonfinite(self, step: int, skipped: float) -> None:
+        """Count a step skipped for a NaN/inf loss or gradient (warned); raise SmolthinkError once
+        max_nonfinite_steps came in a row (training diverged: more steps would skip too)."""
+        if not skipped:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        limit = self.ctx.cfg.max_nonfinite_steps
+        log.warning("step %d skipped: NaN or inf loss or gradient (%d in a row, stop at %d)", step,
+                    self.nonfinite_streak, limit)
+        if self.nonfinite_streak >= limit:
+            raise SmolthinkError(f"stopped at step {step}: {self.nonfinite_streak} steps in a row had a NaN or inf "
+                                 f"loss or gradient (max_nonfinite_steps={limit}); lower learning_rate, or check "
+                                 f"the data and reward functions")
+
     def finish(self, step: int, title: str) -> dict[str, Any] | None:
         """The end: checkpoint; when stopped by a signal say how to continue and return None; else the final eval
-        ({} without one), the final model (peft adapter + merged) and DONE -> the final eval summary."""
+        ({} without one), the final model (peft adapter + merged) and DONE -> the final eval summary. The
+        checkpoint refuses non-finite weights, so a NaN model never reaches final/."""
         self.save()
         if self.stopping:
             log.warning("%s: checkpoint saved at step %d; continue with --resume %s", self.stop_signal, step,
@@ -192,21 +220,59 @@ def _stop_handler(tr: TrainingRun):
     return handler
 
 
-@contextlib.contextmanager
-def training_run(out_dir: Path, resume: bool) -> Iterator[TrainingRun]:
-    """Own one training run's directory: check that `resume` finds a checkpoint and that a fresh run does not
-    overwrite another, remove leftovers of killed writes, install the stop handlers, and on the way out save a
-    checkpoint on an abort (second Ctrl-C), restore the handlers and close the metrics and the scorer."""
-    run = RunDir(Path(out_dir))
-    ckpt = latest_checkpoint(run.root) if resume else None
-    if resume and ckpt is None:
-        raise SmolthinkError(f"nothing to resume in {run.root} (no complete checkpoint)")
-    if not resume and run.metrics.exists():
+def open_run(run: RunDir, resume: bool) -> Checkpoint | None:
+    """Decide how a run starts in `run.root` and tidy it -> the checkpoint to continue from, or None for step 0.
+
+    A directory holds a run when it has DONE or an intact checkpoint (one that matches its manifest and loads).
+    * fresh (resume=False): a directory that holds a run is refused; one that does not (a run stopped before its
+      first checkpoint) is cleared and started again;
+    * resume (of an existing directory): continue from the newest intact checkpoint, deleting newer damaged ones
+      (each logged with the reason); with none intact, refuse when damaged checkpoints or DONE are there, else
+      clear it and start from step 0.
+    Leftovers of killed writes and unfinished step directories (no manifest) are deleted once it is decided."""
+    if resume and not run.root.is_dir():
+        raise SmolthinkError(f"nothing to resume: {run.root} does not exist")
+    ckpt, damaged = newest_intact(run.checkpoints)
+    if not resume and (ckpt is not None or run.done() is not None):
         raise SmolthinkError(f"{run.root} already holds a run: pass --resume {run.root} or another --out")
-    run.root.mkdir(parents=True, exist_ok=True)
+    if resume and ckpt is None and run.done() is not None:
+        raise SmolthinkError(f"{run.root} holds a finished run and no intact checkpoint to continue it from")
+    if resume and ckpt is None and damaged:
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise SmolthinkError(f"no intact checkpoint to resume in {run.root} ({reasons}); start it again with "
+                             f"--out {run.root}")
     for parent in (run.root, run.checkpoints):
         remove_leftovers(parent)
-    tr = TrainingRun(run, ckpt)
+    for d in step_dirs(run.checkpoints):
+        if not (d / MANIFEST).is_file():  # a write or a deletion that was killed part-way
+            log.warning("removing unfinished checkpoint %s", d)
+            discard(d)
+    for path, why in damaged:
+        log.warning("skipping damaged checkpoint %s: %s", path, why)
+    if ckpt is None:
+        if run.started():
+            log.warning("%s holds no intact checkpoint yet: starting the run again from step 0", run.root)
+            run.clear()
+        run.root.mkdir(parents=True, exist_ok=True)
+        return None
+    for path, _ in damaged:  # newer than the one resumed from: the resumed run writes those steps again
+        discard(path)
+    return ckpt
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when `run_dir` has DONE or an intact checkpoint (what `open_run` refuses to start afresh over)."""
+    run = RunDir(Path(run_dir))
+    return run.done() is not None or newest_intact(run.checkpoints)[0] is not None
+
+
+@contextlib.contextmanager
+def training_run(out_dir: Path, resume: bool) -> Iterator[TrainingRun]:
+    """Own one training run's directory: pick the checkpoint to continue from and tidy the directory
+    (`open_run`), install the stop handlers, and on the way out save a checkpoint on an abort (second Ctrl-C),
+    restore the handlers and close the metrics and the scorer."""
+    run = RunDir(Path(out_dir))
+    tr = TrainingRun(run, open_run(run, resume))
     previous = {sig: signal.signal(sig, _stop_handler(tr)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield tr
@@ -223,4 +289,3 @@ def training_run(out_dir: Path, resume: bool) -> Iterator[TrainingRun]:
             tr.metrics.close()
         if tr.ctx is not None:
             tr.ctx.scorer.close()
-

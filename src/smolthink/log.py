@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from .task_metrics import per_task_line
 
 console = Console(stderr=True, highlight=False)
 
@@ -51,11 +52,13 @@ def fmt_duration(seconds: float) -> str:
 
 
 def step_line(step: int, total: int, m: dict[str, float], step_s: float, eta_s: float) -> str:
-    """`step 12/200 | reward 0.41±0.22 | acc 0.38 | fmt 0.97 | len 143 | 31.2 s/step | eta 1h02m`."""
+    """`step 12/200 | reward 0.41±0.22 | acc 0.38 | fmt 0.97 | len 143 | loss +0.0123 | all-right 0.50 all-wrong
+    0.12 | 31.2 s/step | eta 1h02m` (all-right / all-wrong: shares of groups with no correctness signal)."""
     return (f"step {step}/{total} | reward {m.get('reward/mean', 0):.3f}±{m.get('reward/std', 0):.2f} | "
             f"acc {m.get('reward/correct', 0):.2f} | fmt {m.get('reward/format', 0):.2f} | "
             f"len {m.get('completion/mean_len', 0):.0f} | loss {m.get('loss/total', 0):+.4f} | "
-            f"{step_s:.1f} s/step | eta {fmt_duration(eta_s)}")
+            f"all-right {m.get('groups/all_correct_frac', 0):.2f} all-wrong {m.get('groups/all_wrong_frac', 0):.2f} | "
+            f"{step_s:.1f} s/step | eta {fmt_duration(eta_s)}{per_task_line(m)}")
 
 
 class MetricsWriter:
@@ -110,6 +113,10 @@ def eval_table(summary: dict[str, Any], title: str = "evaluation") -> Table:
             t.add_row(f"  accuracy on '{cls}'", f"{acc:.3f}")
         t.add_row(f"majority baseline ('{summary['majority_class']}')", f"{summary['majority_baseline']:.3f}")
     t.add_row("format rate", f"{summary['format_rate']:.3f}")
+    for task, row in (summary.get("per_task") or {}).items():
+        lo_t, hi_t = row["accuracy_ci95"]
+        t.add_row(f"  {task}: accuracy / format", f"{row['accuracy']:.3f}  [{lo_t:.3f}, {hi_t:.3f}] / "
+                  f"{row['format_rate']:.3f}  (n={row['n']})")
     t.add_row("task partial credit (mean)", f"{summary['partial_credit']:.3f}")
     t.add_row("mean completion length", f"{summary['mean_completion_len']:.1f} tokens")
     t.add_row("truncated", f"{summary['truncated_frac']:.3f}")

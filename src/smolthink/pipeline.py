@@ -1,6 +1,13 @@
-"""`smolthink pipeline`: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> report, in one run
-directory (`rundir.PipelineDir`). Each stage writes <stage>/DONE last; a rerun skips finished stages and resumes
-an interrupted one."""
+"""`smolthink pipeline`: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> transfer -> SFT-only
+control -> pass@k -> report, in one run directory (`rundir.PipelineDir`). Each stage writes <stage>/DONE last; a
+rerun skips finished stages and resumes an interrupted one; a stage turned off (`sft_control: false`,
+`passk.enabled: false`, `transfer.tasks: []`) is skipped without a DONE.
+
+The control answers "is the RL worth its time?": SFT-only, continued from the SFT stage's final model (merged, with
+a fresh LoRA adapter: the same start and parameterisation GRPO gets) over the same traces (more epochs, not more
+traces) for the GRPO stage's wall time as its DONE records it, then the same held-out eval. That wall time
+includes GRPO's set-up and final eval, which the control spends training, so the comparison leans towards the
+control: an RL gain that survives it is real."""
 from __future__ import annotations
 
 import gc
@@ -11,9 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import GRPOConfig, PipelineConfig, SFTConfig, config_yaml, stage_config
+from .config import GRPOConfig, PipelineConfig, SFTConfig, control_config, stage_config
+from .errors import SmolthinkError
+from .configlib import config_yaml
 from .log import console, eval_table, fmt_duration
 from .rundir import PIPELINE_STAGES, PipelineDir, atomic_write, write_json
+from .transfer import run_transfer
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,55 @@ def final_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
     console.print(eval_table(summary, "final model (after GRPO)"))
 
 
+def run_sft_control(cfg: PipelineConfig, pipe: PipelineDir) -> None:
+    """The equal-time SFT-only control (module docstring): `max_seconds` = the grpo stage's DONE seconds."""
+    from .train_sft import train_sft
+
+    budget = (pipe.done("grpo") or {}).get("seconds")
+    if not isinstance(budget, (int, float)) or budget <= 0:
+        raise SmolthinkError(f"sft_control needs the grpo stage's wall time: {pipe.stage('grpo')}/DONE has none")
+    start = pipe.run("sft").final_merged
+    ctl_cfg = control_config(cfg, **{"eval.at_start": False, "data.path": str(pipe.traces), "model": str(start),
+                                     "max_seconds": float(budget)})
+    log.info("sft_control: SFT from %s for %s (the grpo stage's wall time)", start, fmt_duration(budget))
+    out = pipe.stage("sft_control")
+    if train_sft(ctl_cfg, out, resume=_resumable(out)) is None:
+        raise StageStopped("sft_control")
+
+
+def passk_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
+    """pass@k and mean@k: passk.k samples per question at passk.temperature on the first passk.n held-out
+    questions, for the final models of sft, grpo and (when it ran) sft_control; the same questions and sampling
+    seeds for each."""
+    import dataclasses
+
+    from .evaluate import make_evaluator
+    from .models import load_model
+    from .sandbox import Scorer
+    from .tasks import parse_tasks
+
+    pk = cfg.passk
+    ev_cfg = dataclasses.replace(cfg.eval, samples=pk.k, temperature=pk.temperature, top_p=pk.top_p)
+    stages = ["sft", "grpo"] + (["sft_control"] if cfg.sft_control else [])
+    with Scorer(timeout=cfg.reward.scorer_timeout) as scorer:
+        for name in stages:
+            model, tok = load_model(str(pipe.run(name).final_merged))
+            ev = make_evaluator(model, tok, parse_tasks(cfg.task), ev_cfg, cfg.reward, cfg.seed, scorer)
+            ev.examples, ev.prompts = ev.examples[: pk.n], ev.prompts[: pk.n]
+            summary = ev.run(model, pipe.passk(name), pipe.passk_completions(name),
+                             {"model": str(pipe.run(name).final_merged), "task": str(cfg.task),
+                              "stage": name})
+            console.print(eval_table(summary, f"{name}: {pk.k} samples per question"))
+            del model
+            gc.collect()
+
+
+def stage_enabled(cfg: PipelineConfig, stage: str) -> bool:
+    """False for a stage the config turns off."""
+    return {"sft_control": cfg.sft_control, "passk": cfg.passk.enabled and cfg.eval.n > 0,
+            "transfer": bool(cfg.transfer.tasks)}.get(stage, True)
+
+
 def make_report(cfg: PipelineConfig, pipe: PipelineDir) -> None:
     """report.md and plots from the run directory."""
     from .report import write_report
@@ -100,19 +159,16 @@ def make_report(cfg: PipelineConfig, pipe: PipelineDir) -> None:
 
 
 def _resumable(stage_dir: Path) -> bool:
-    """Resume a stage that was interrupted after its first checkpoint; restart one that never checkpointed."""
-    from .checkpoint import latest_checkpoint
+    """Resume a stage that holds a run (an intact checkpoint); the training run restarts one that never
+    checkpointed (`harness.open_run`)."""
+    from .harness import holds_run
 
-    if latest_checkpoint(stage_dir) is not None:
-        return True
-    if stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    return False
+    return holds_run(stage_dir)
 
 
 RUNNERS: dict[str, Callable[[PipelineConfig, PipelineDir], None]] = {
     "base_eval": base_eval, "data": make_data, "sft": run_sft, "grpo": run_grpo, "final_eval": final_eval,
-    "report": make_report,
+    "transfer": run_transfer, "sft_control": run_sft_control, "passk": passk_eval, "report": make_report,
 }
 
 
@@ -130,6 +186,9 @@ def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
         if pipe.done(stage) is not None:
             log.info("[%d/%d] %s: done in an earlier run, skipped", i, len(PIPELINE_STAGES), stage)
             continue
+        if not stage_enabled(cfg, stage):
+            log.info("[%d/%d] %s: off in the config, skipped", i, len(PIPELINE_STAGES), stage)
+            continue
         log.info("[%d/%d] %s ... (pipeline elapsed %s)", i, len(PIPELINE_STAGES), stage,
                  fmt_duration(time.time() - t_all))
         t0 = time.time()
@@ -142,7 +201,7 @@ def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
         timings[stage] = time.time() - t0
         gc.collect()  # the stage's model, optimizer and engine caches, before the next stage loads its own
         trim_heap()
-        steps = (pipe.run(stage).done() or {}).get("steps") if stage in ("sft", "grpo") else None
+        steps = (pipe.run(stage).done() or {}).get("steps") if stage in ("sft", "grpo", "sft_control") else None
         pipe.mark_done(stage, timings[stage], steps)
         log.info("[%d/%d] %s finished in %s", i, len(PIPELINE_STAGES), stage, fmt_duration(timings[stage]))
     return timings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from typing import Callable, Sequence
 
 from .chat import extract_answer, format_ok
@@ -37,6 +38,29 @@ def load_functions(specs: Sequence[str]) -> list[tuple[str, Callable, float]]:
     return out
 
 
+def score_user_functions(user_fns: Sequence[tuple[str, Callable, float]], completions: Sequence[str],
+                         examples: Sequence[Example]) -> list[dict[str, float]]:
+    """Every user reward function's score of each completion -> [{name: score}] per completion. A function that
+    raises or returns NaN/inf scores 0 there (one NaN would poison its whole group's advantages) and never kills
+    the run; each failing function is logged once per call, with how many completions it failed on."""
+    out: list[dict[str, float]] = [{} for _ in completions]
+    for name, fn, _ in user_fns:
+        failed, first = 0, ""
+        for scores, comp, ex in zip(out, completions, examples):
+            try:
+                value = float(fn(comp, ex))
+                problem = f"returned {value}"
+            except Exception as e:  # user code: whatever it raises costs this completion its score, not the run
+                value, problem = math.nan, f"raised {type(e).__name__}: {e}"
+            if not math.isfinite(value):
+                failed, first, value = failed + 1, first or problem, 0.0
+            scores[name] = value
+        if failed:
+            log.warning("reward function %s failed on %d of %d completions, scored 0 (first: %s)", name, failed,
+                        len(out), first)
+    return out
+
+
 def score_completions(
     completions: Sequence[str],
     examples: Sequence[Example],
@@ -57,6 +81,7 @@ def score_completions(
     if todo:
         items = [(examples[i].task, spec_for(examples[i], specs).config, answers[i], examples[i].entry) for i in todo]
         task_scores.update(zip(todo, scorer.score_many(items)))
+    user_scores = score_user_functions(user_fns, completions, examples)
     out = []
     for i, (comp, ex) in enumerate(zip(completions, examples)):
         partial, error = task_scores.get(i, (0.0, None))
@@ -65,13 +90,7 @@ def score_completions(
             correct = partial
         fmt = 1.0 if format_ok(comp, prefill) else 0.0
         length = length_penalty(n_tokens[i], cfg.length_target, max_tokens, cfg.length_penalty)
-        extras = {}
-        for name, fn, _ in user_fns:
-            try:
-                extras[name] = float(fn(comp, ex))
-            except Exception as e:  # a user function that raises scores 0 and is logged, never kills the run
-                log.warning("reward function %s raised %s: %s", name, type(e).__name__, e)
-                extras[name] = 0.0
+        extras = user_scores[i]
         total = cfg.correct_weight * correct + cfg.format_weight * fmt + length
         total += sum(w * extras[name] for name, _, w in user_fns)
         out.append(RewardParts(correct=correct, format=fmt, total=total, partial=partial, length=length,

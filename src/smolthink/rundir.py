@@ -4,12 +4,14 @@ rename, fsync of the directory), so a crash or a power cut leaves either the old
 
 Stage run directory (`smolthink sft`, `smolthink train`, or a pipeline stage):
     config.yaml  metrics.jsonl  data_stats.json  traces.jsonl  DONE
-    eval/step_000010.json (+ .completions.jsonl)   samples/step_000010.jsonl
+    eval/step_000010.json (+ .completions.jsonl)   samples/step_000010.jsonl   groups/step_000010.jsonl
     checkpoints/step_000010/   final/adapter/  final/merged/
 Pipeline run directory:
     pipeline.yaml  timings.json  report.md  plots/
     base_eval/eval.json (+ completions.jsonl)   data/traces.jsonl  data/stats.json
-    sft/  grpo/  (stage run directories)        final_eval/eval.json (+ completions.jsonl)
+    sft/  grpo/  sft_control/  (stage run directories)   final_eval/eval.json (+ completions.jsonl)
+    passk/{sft,grpo,sft_control}.json (+ .completions.jsonl)
+    transfer/base.json  transfer/final.json (+ .completions.jsonl)
 
 DONE is written last by whoever finishes a stage, and always holds the same JSON: {"seconds": wall seconds,
 "steps": optimizer steps or null}.
@@ -110,11 +112,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".old_{target.name}.{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
+        old = move_aside(target) if target.exists() else None
         os.replace(tmp, target)
         fsync_dir(target.parent)
         if old is not None:
@@ -122,6 +120,20 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to an `.old_` name in the same directory (what remove_leftovers deletes) -> the new name."""
+    old = path.with_name(f".old_{path.name}.{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    return old
+
+
+def discard(path: Path) -> None:
+    """Delete a directory so that a kill part-way never leaves it half-deleted under its own name: it is renamed
+    aside first, and a kill during the deletion leaves an `.old_` leftover."""
+    shutil.rmtree(move_aside(Path(path)), ignore_errors=True)
 
 
 def remove_leftovers(parent: Path) -> list[Path]:
@@ -186,6 +198,7 @@ class RunDir:
     final_merged = property(lambda self: self.root / "final" / "merged", doc="the merged final model")
     eval_dir = property(lambda self: self.root / "eval", doc="eval/step_XXXXXX.json")
     samples_dir = property(lambda self: self.root / "samples", doc="samples/step_XXXXXX.jsonl")
+    groups_dir = property(lambda self: self.root / "groups", doc="groups/step_XXXXXX.jsonl")
 
     def eval(self, step: int) -> Path:
         """eval/step_XXXXXX.json: the eval summary after `step` optimizer steps (0: before training)."""
@@ -207,6 +220,27 @@ class RunDir:
         """Steps with decoded rollouts, ascending."""
         return _steps(self.samples_dir, STEP_SAMPLES)
 
+    def started(self) -> bool:
+        """True once a training run has begun writing here (metrics.jsonl or checkpoints/ exist)."""
+        return self.metrics.is_file() or self.checkpoints.is_dir()
+
+    def clear(self) -> None:
+        """Delete what a training run writes here, to start it again (traces.jsonl stays: an input a restart may
+        reuse)."""
+        for path in (self.config, self.metrics, self.data_stats):
+            path.unlink(missing_ok=True)
+        for path in (self.checkpoints, self.eval_dir, self.samples_dir, self.final):
+            if path.is_dir():
+                discard(path)
+
+    def groups(self, step: int) -> Path:
+        """groups/step_XXXXXX.jsonl: every GRPO group of the buffer fill first trained on at that step."""
+        return self.groups_dir / f"{step_name(step)}.jsonl"
+
+    def group_steps(self) -> list[int]:
+        """Steps with a groups file, ascending."""
+        return _steps(self.groups_dir, STEP_SAMPLES)
+
     def checkpoint(self, step: int) -> Path:
         """checkpoints/step_XXXXXX/."""
         return self.checkpoints / step_name(step)
@@ -220,7 +254,8 @@ class RunDir:
         return mark_done(self.root, seconds, steps)
 
 
-PIPELINE_STAGES = ("base_eval", "data", "sft", "grpo", "final_eval", "report")
+PIPELINE_STAGES = ("base_eval", "data", "sft", "grpo", "final_eval", "transfer", "sft_control", "passk",
+                   "report")
 
 
 @dataclass(frozen=True)
@@ -246,7 +281,7 @@ class PipelineDir:
         return self.root / name
 
     def run(self, name: str) -> RunDir:
-        """A training stage's run directory (sft, grpo)."""
+        """A training stage's run directory (sft, grpo, sft_control)."""
         return RunDir(self.stage(name))
 
     def eval_json(self, stage: str) -> Path:
@@ -256,6 +291,22 @@ class PipelineDir:
     def completions(self, stage: str) -> Path:
         """<stage>/completions.jsonl of an eval stage."""
         return self.stage(stage) / "completions.jsonl"
+
+    def passk(self, model: str) -> Path:
+        """passk/<model>.json: the pass@k / mean@k eval of one stage's final model (sft, grpo, sft_control)."""
+        return self.stage("passk") / f"{model}.json"
+
+    def passk_completions(self, model: str) -> Path:
+        """passk/<model>.completions.jsonl: every sample of that eval."""
+        return self.stage("passk") / f"{model}.completions.jsonl"
+
+    def transfer_eval(self, model: str) -> Path:
+        """transfer/<model>.json: the base or final model on the tasks outside the mixture (per_task inside)."""
+        return self.stage("transfer") / f"{model}.json"
+
+    def transfer_completions(self, model: str) -> Path:
+        """transfer/<model>.completions.jsonl: every transfer prompt, completion and score of that model."""
+        return self.stage("transfer") / f"{model}.completions.jsonl"
 
     def done(self, stage: str) -> dict[str, Any] | None:
         """A stage's DONE record, or None while unfinished."""

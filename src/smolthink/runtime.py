@@ -26,10 +26,9 @@ def fixed_mmap_threshold(nbytes: int = 32 << 20) -> bool:
     glibc starts at 128 KB and raises the threshold each time an mmapped block is freed, so where a multi-MB block
     lives (its own mapping, returned on free; or the heap, reused without page faults) changes as a run goes on.
     Pinned, blocks under 32 MB (activations, merged weights) are reused from the heap and the [rows, vocab] logits
-    blocks above it go back to the OS at once; `trim_heap` returns the heap's free pages between phases. Measured
-    on the recipe-shape GRPO step: 1 MB costs ~5% training speed (a page fault per 4 KB of every re-mapped
-    activation) and 256 KB ~30%; 8 MB, 32 MB and glibc's adaptive default train at the same speed and peak RSS
-    (3.4-3.5 GB) once the heap is trimmed. Returns False where there is no glibc (macOS, musl)."""
+    blocks above it go back to the OS at once; `trim_heap` returns the heap's free pages between phases. A low
+    threshold costs training speed (a page fault per 4 KB page of every re-mapped activation); the measurements
+    behind 32 MB are in benchmarks/README.md. Returns False where there is no glibc (macOS, musl)."""
     libc = _glibc()
     return bool(libc.mallopt(-3, int(nbytes))) if libc else False  # M_MMAP_THRESHOLD = -3
 
@@ -37,7 +36,7 @@ def fixed_mmap_threshold(nbytes: int = 32 << 20) -> bool:
 def trim_heap() -> bool:
     """Hand the heap's free pages back to the OS (glibc `malloc_trim`), between phases whose allocations differ
     (rollout KV caches, training activations): without it the freed holes stay resident and the resident floor
-    creeps up by ~0.3-0.5 GB per GRPO step. Takes ~10 ms. False where there is no glibc."""
+    creeps up step after step (benchmarks/README.md). Cheap next to a phase. False where there is no glibc."""
     libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc else False
 

@@ -10,132 +10,88 @@ Prompts are rendered with the model's chat template (generation prompt added, th
 generated through the rollout engine (HFEngine by default), one generation at a time behind a lock; completions
 are decoded without special tokens. Errors use OpenAI's body shape: {"error": {"message", "type", "param", "code"}}.
 
-Test knobs on the server object (never reachable over HTTP): `fail_next` (status codes answered, in order, before
-serving normally), `retry_after` (Retry-After header sent with injected 429/503), `delay_s` (sleep inside each
-in-flight request, outside the generation lock, so client concurrency becomes observable), and the counters
-`calls`, `in_flight`, `max_concurrent_seen`.
+No client can hold the server (see Limits): oversized work is refused before the request waits for the lock,
+waiting for the lock and generating share one time limit, idle connections are closed, handler threads are
+bounded, and a malformed body is a 400. A 500 means a bug in the server and is logged with its traceback.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 import threading
 import time
 import uuid
-from http import HTTPStatus
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .chat_request import MAX_N, RequestError, decode_json, error_body, parse_chat_request
 from .errors import SmolthinkError
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 8 << 20
-MAX_N = 64
-DEFAULT_MAX_TOKENS = 256
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+COMPLETIONS = "/v1/chat/completions"
 
 
-class RequestError(Exception):
-    """A client error, answered with an OpenAI-style error body."""
+@dataclass(frozen=True)
+class Limits:
+    """What one client may cost the server, sized for a 135M model on a 2-core CPU (where one request with
+    n=64, max_tokens=900 held the lock for over 6 minutes) and for clients like APITeacher, whose 60 s read
+    timeout an answer must beat. Requests over a size limit are refused before they wait for the lock; the time
+    limit bounds whatever the size limits let through."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error JSON."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise RequestError(400, f"'{name}' must be a number in [{lo}, {hi}], got {value!r}", param=name)
-    return float(value)
+    max_body_bytes: int = 1 << 20  # a prompt within max_prompt_tokens is a few KB of JSON
+    max_prompt_tokens: int = 4096  # after the chat template
+    max_request_tokens: int = 4096  # rows generated x max_tokens; greedy requests generate one row whatever n is
+    time_limit_s: float = 45.0  # from the body's arrival: waiting for the lock plus generating
+    lock_wait_s: float = 20.0  # a request that gets no lock in this time is answered 503 with Retry-After
+    idle_timeout_s: float = 5.0  # a connection that sends nothing for this long is closed
+    max_connections: int = 32  # handler threads at once; more connections get 503 and are closed
 
 
-def _integer(body: dict, name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise RequestError(400, f"'{name}' must be an integer {bound}, got {value!r}", param=name)
-    return value
+class GenerationTimeout(Exception):
+    """Raised inside the model's forward pass once a request's deadline has passed."""
 
 
-def _content_text(content: Any) -> str:
-    """A message's content as text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise RequestError(400, "only text content parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise RequestError(400, "message content must be a string or a list of text parts", param="messages")
 
+@contextmanager
+def deadline(model, at: float) -> Iterator[None]:
+    """Abort the model's next forward pass after time.monotonic() passes `at` (GenerationTimeout).
 
-def parse_chat_request(body: Any) -> dict[str, Any]:
-    """Validate a chat-completions body -> {messages, temperature, top_p, max_tokens, n, seed}."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "'messages' must be a non-empty list", param="messages")
-    clean = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise RequestError(400, "each message needs a role of system, user or assistant", param="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        clean.append({"role": role, "content": _content_text(m.get("content"))})
-    if body.get("stream"):
-        raise RequestError(400, "streaming is not supported by this server", param="stream")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _integer({"max_tokens": max_tokens}, "max_tokens", DEFAULT_MAX_TOKENS, 1)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    seed = _integer(body, "seed", None, -(2 ** 63))
-    return {
-        "messages": clean,
-        "temperature": 0.0 if top_p == 0 else temperature,  # top_p 0 keeps only the top token: greedy
-        "top_p": top_p or 1.0,
-        "max_tokens": max_tokens,
-        "n": _integer(body, "n", 1, 1, MAX_N),
-        "seed": None if seed is None else seed % (2 ** 63),
-    }
+    The check sits on the input embeddings, which every forward pass of every engine built on the model's
+    forward (HFEngine, also under PEFT) runs once per generated token; the hook is gone when the block exits."""
+    def check(module, args):
+        if time.monotonic() > at:
+            raise GenerationTimeout
+
+    handle = model.get_input_embeddings().register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class ChatServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer holding the model, the engine, the generation lock, counters and the test knobs."""
+    """ThreadingHTTPServer holding the model, the engine, the generation lock and the limits."""
 
     daemon_threads = True
     request_queue_size = 64  # many clients connecting at once queue up instead of waiting on SYN retries
 
-    def __init__(self, addr, model, tokenizer, model_name: str, engine, api_key: str | None = None):
+    def __init__(self, addr, model, tokenizer, model_name: str, engine, api_key: str | None = None,
+                 limits: Limits = Limits()):
         super().__init__(addr, _Handler)
         self.model, self.tokenizer, self.model_name, self.engine = model, tokenizer, model_name, engine
-        self.api_key = api_key
+        self.api_key, self.limits = api_key, limits
         self.created = int(time.time())
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.generate_lock = threading.Lock()  # one generation at a time
-        self._stats_lock = threading.Lock()
-        # test knobs and counters (not reachable over HTTP)
-        self.fail_next: list[int] = []
-        self.retry_after: float | None = None
-        self.delay_s: float = 0.0
-        self.calls = 0
-        self.in_flight = 0
-        self.max_concurrent_seen = 0
-        self.generations = 0
+        self.busy_until = 0.0  # monotonic deadline of the generation holding the lock: the Retry-After hint
+        self._slots = threading.BoundedSemaphore(limits.max_connections)
 
     @property
     def url(self) -> str:
@@ -144,39 +100,106 @@ class ChatServer(ThreadingHTTPServer):
         host = f"[{host}]" if ":" in str(host) else host
         return f"http://{host}:{port}/v1"
 
-    def enter(self) -> int | None:
-        """Count one request in; return an injected failure status to answer instead, if one is queued."""
-        with self._stats_lock:
-            self.calls += 1
-            self.in_flight += 1
-            self.max_concurrent_seen = max(self.max_concurrent_seen, self.in_flight)
-            return self.fail_next.pop(0) if self.fail_next else None
+    # -- connections -----------------------------------------------------------------------------------------
+    def process_request(self, request, client_address) -> None:
+        """One handler thread per connection, at most limits.max_connections at once: a connection beyond that
+        is answered 503 and closed straight from the accept loop (a few bytes into an empty send buffer)."""
+        if self._slots.acquire(blocking=False):
+            return super().process_request(request, client_address)
+        try:
+            request.sendall(_BUSY_RESPONSE)
+        except OSError:  # the client is already gone
+            pass
+        self.shutdown_request(request)
 
-    def leave(self) -> None:
-        with self._stats_lock:
-            self.in_flight -= 1
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
-    def complete(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Run one chat completion -> the OpenAI response object."""
+    def handle_error(self, request, client_address) -> None:
+        """A client that vanished or stalled mid-request is routine; anything else is a bug worth a traceback."""
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug("connection from %s dropped: %s", client_address, sys.exc_info()[1])
+        else:
+            log.exception("unexpected error serving %s", client_address)
+
+    # -- requests --------------------------------------------------------------------------------------------
+    def authorised(self, authorization: str) -> bool:
+        """Whether an Authorization header value carries the server's key (always, when it has none)."""
+        return not self.api_key or authorization == f"Bearer {self.api_key}"
+
+    def respond(self, path: str, body: bytes, authorization: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Answer one POST -> (status, JSON payload, extra headers). Every client error is a 4xx or a 503; a 500
+        is a bug and is logged."""
+        arrived = time.monotonic()
+        try:
+            if not self.authorised(authorization):
+                raise RequestError(401, "invalid API key", code="invalid_api_key")
+            if path != COMPLETIONS:
+                raise RequestError(404, f"unknown path {path}", code="not_found")
+            req = parse_chat_request(decode_json(body), self.limits.max_request_tokens)
+            return 200, self.complete(req, arrived + self.limits.time_limit_s), {}
+        except RequestError as e:
+            return e.answer()
+        except Exception as e:  # a bug: answered 500 and logged, the server stays up
+            log.exception("chat completion failed")
+            return 500, error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), {}
+
+    def _prompt(self, req: dict[str, Any]) -> list[int]:
+        """The chat-templated prompt ids, within the prompt and context limits."""
+        from jinja2 import TemplateError
+
         from .chat import render_prompt
-        from .types import SamplingParams
 
         try:
             prompt = render_prompt(self.tokenizer, req["messages"])
-        except Exception as e:  # a template that rejects this conversation (e.g. role order)
+        except TemplateError as e:  # a template that rejects this conversation (e.g. role order)
             raise RequestError(400, f"chat template rejected the messages: {e}", param="messages") from None
+        if len(prompt) > self.limits.max_prompt_tokens:
+            raise RequestError(400, f"the prompt is {len(prompt)} tokens after the chat template, over this "
+                               f"server's limit of {self.limits.max_prompt_tokens}", param="messages",
+                               code="context_length_exceeded")
         if self.max_context and len(prompt) + req["max_tokens"] > self.max_context:
             raise RequestError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({req['max_tokens']}) exceeds the "
                                f"model's context of {self.max_context} tokens", param="messages",
                                code="context_length_exceeded")
+        return prompt
+
+    def _generate(self, prompt: list[int], req: dict[str, Any], until: float) -> list:
+        """Rollouts for one request, under the lock, cut at the monotonic deadline `until`.
+
+        A request that waits past limits.lock_wait_s (or its deadline) for the lock gets 503 with Retry-After. A
+        generation still running at the deadline is aborted with 503 "timeout" rather than answered with the
+        tokens so far: the engines cannot hand back a half-finished batch, and a truncated answer with
+        finish_reason "length" would look final to clients that cache answers (APITeacher does)."""
+        from .types import SamplingParams
+
         sampling = SamplingParams(max_new_tokens=req["max_tokens"], temperature=req["temperature"],
                                   top_p=req["top_p"], top_k=0)
-        greedy = req["temperature"] <= 0
-        n = 1 if greedy else req["n"]  # greedy samples are identical: generate once, repeat
-        with self.generate_lock:
-            rollouts = self.engine.generate(self.model, [prompt], n, sampling, seed=req["seed"])[0]
-            self.generations += 1
-        if greedy:
+        n = 1 if req["temperature"] <= 0 else req["n"]
+        wait = min(self.limits.lock_wait_s, until - time.monotonic())
+        if not self.generate_lock.acquire(timeout=max(0.0, wait)):
+            retry = max(1, math.ceil(self.busy_until - time.monotonic()))
+            raise RequestError(503, "the server is busy with another request; retry later", code="server_busy",
+                               type_="server_error", headers={"Retry-After": str(retry)})
+        try:
+            self.busy_until = until
+            with deadline(self.model, until):
+                return self.engine.generate(self.model, [prompt], n, sampling, seed=req["seed"])[0]
+        except GenerationTimeout:
+            raise RequestError(503, f"generation ran past this server's {self.limits.time_limit_s:g} s limit per "
+                               "request: lower n or max_tokens, or retry later", code="timeout",
+                               type_="server_error") from None
+        finally:
+            self.generate_lock.release()
+
+    def complete(self, req: dict[str, Any], until: float) -> dict[str, Any]:
+        """Run one chat completion, finished by the monotonic time `until` -> the OpenAI response object."""
+        prompt = self._prompt(req)
+        rollouts = self._generate(prompt, req, until)
+        if req["temperature"] <= 0:
             rollouts = rollouts * req["n"]
         choices, completion_tokens = [], 0
         for i, r in enumerate(rollouts):
@@ -195,7 +218,13 @@ class ChatServer(ThreadingHTTPServer):
         }
 
     def model_card(self) -> dict[str, Any]:
+        """The /v1/models entry for the served model."""
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "smolthink"}
+
+
+_BUSY_BODY = json.dumps(error_body("too many connections; retry later", "server_error", code="server_busy"))
+_BUSY_RESPONSE = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                  f"Content-Length: {len(_BUSY_BODY)}\r\nConnection: close\r\n\r\n{_BUSY_BODY}").encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -203,12 +232,15 @@ class _Handler(BaseHTTPRequestHandler):
     server: ChatServer
     server_version = "smolthink"
 
+    def setup(self) -> None:
+        self.timeout = self.server.limits.idle_timeout_s  # StreamRequestHandler puts it on the socket
+        super().setup()
+
     def log_message(self, fmt: str, *args: Any) -> None:  # route access logs through logging, quietly
         log.debug("%s %s", self.address_string(), fmt % args)
 
-    # -- plumbing --------------------------------------------------------------------------------------------
     def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode()
+        data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -220,30 +252,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _read_body(self) -> bytes:
+        """The request body, by Content-Length. Socket errors and timeouts propagate: the connection is dropped
+        (handle_one_request closes it on a timeout, ChatServer.handle_error logs the rest quietly)."""
         length = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
             self.close_connection = True
             raise RequestError(411, "a Content-Length header is required")
-        try:
-            n = int(length)
-        except ValueError:
+        limit = self.server.limits.max_body_bytes
+        if not (length.isascii() and length.isdigit()):  # int() would also take "+5", " 5", "1_0"
             self.close_connection = True
-            raise RequestError(400, "bad Content-Length header") from None
-        if n < 0 or n > MAX_BODY_BYTES:
+            raise RequestError(400, "bad Content-Length header")
+        if len(length) > 12 or int(length) > limit:
             self.close_connection = True
-            raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(n)
+            raise RequestError(413, f"request body over this server's limit of {limit} bytes")
+        data = self.rfile.read(int(length))
+        if len(data) < int(length):
+            raise ConnectionError("the client closed the connection mid-body")
+        return data
 
-    def _authorised(self) -> bool:
-        key = self.server.api_key
-        return not key or self.headers.get("Authorization", "") == f"Bearer {key}"
-
-    # -- routes ----------------------------------------------------------------------------------------------
     def do_GET(self) -> None:
+        """/health, /v1/models and /v1/models/<id>."""
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/health":
             return self._send(200, {"status": "ok"})
-        if not self._authorised():
+        if not self.server.authorised(self.headers.get("Authorization", "")):
             return self._send(401, error_body("invalid API key", code="invalid_api_key"))
         if path == "/v1/models":
             return self._send(200, {"object": "list", "data": [self.server.model_card()]})
@@ -255,45 +287,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(404, error_body(f"unknown path {path}", code="not_found"))
 
     def do_POST(self) -> None:
-        server = self.server
-        path = self.path.split("?", 1)[0].rstrip("/")
-        injected = server.enter()
-        status, payload, headers = 200, {}, {}
+        """Read the body, answer through ChatServer.respond."""
         try:
             body = self._read_body()
-            if injected is not None:
-                status = injected
-                payload = error_body(f"injected failure {injected}", type_="server_error" if injected >= 500
-                                     else "rate_limit_error" if injected == 429 else "invalid_request_error",
-                                     code="injected")
-                if server.retry_after is not None and injected in (429, 503):
-                    headers["Retry-After"] = f"{server.retry_after:g}"
-            elif not self._authorised():
-                status, payload = 401, error_body("invalid API key", code="invalid_api_key")
-            elif path != "/v1/chat/completions":
-                status, payload = 404, error_body(f"unknown path {path}", code="not_found")
-            else:
-                if server.delay_s > 0:
-                    time.sleep(server.delay_s)
-                try:
-                    parsed = json.loads(body)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise RequestError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-                payload = server.complete(parse_chat_request(parsed))
         except RequestError as e:
-            status, payload = e.status, error_body(e.message, e.type, e.param, e.code)
-        except Exception as e:  # noqa: BLE001 - a generation bug must not kill the server
-            log.exception("chat completion failed")
-            status, payload = 500, error_body(f"internal error: {type(e).__name__}: {e}", "server_error")
-        finally:
-            # leave before answering: a client that sends its next request as soon as it reads this response
-            # must not be counted as overlapping with this one
-            server.leave()
-        self._send(status, payload, headers)
+            return self._send(*e.answer())
+        path = self.path.split("?", 1)[0].rstrip("/")
+        self._send(*self.server.respond(path, body, self.headers.get("Authorization", "")))
 
 
 def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 0, model_name: str = "smolthink-local",
-                engine=None, api_key: str | None = None) -> ChatServer:
+                engine=None, api_key: str | None = None, limits: Limits = Limits()) -> ChatServer:
     """An OpenAI-compatible server for (model, tokenizer), bound but not yet serving: call serve_forever()
     (e.g. in a thread; port 0 picks a free port, see `server.url`). `api_key`, when set, is required as a
     Bearer token. `engine` defaults to HFEngine with the model's EOS ids."""
@@ -306,7 +310,7 @@ def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 0, model_
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         engine = HFEngine(eos_ids(tokenizer, model), pad_id=pad, batch_size=MAX_N)
     model.eval()
-    return ChatServer((host, port), model, tokenizer, model_name, engine, api_key=api_key)
+    return ChatServer((host, port), model, tokenizer, model_name, engine, api_key=api_key, limits=limits)
 
 
 def serve(model_spec: str | None, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
@@ -318,8 +322,8 @@ def serve(model_spec: str | None, host: str = "127.0.0.1", port: int = 8000, mod
     name = model_name or (model_spec or "smolthink-local")
     try:
         server = make_server(model, tok, host, port, model_name=name, api_key=api_key)
-    except OSError as e:
-        raise SmolthinkError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0-65535
+        raise SmolthinkError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
     if host not in LOOPBACK and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     log.info("serving %s at %s (POST /chat/completions, GET /models); Ctrl-C to stop", name, server.url)

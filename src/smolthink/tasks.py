@@ -11,10 +11,9 @@ from typing import Any, Iterable, Sequence
 
 from .chat import is_case_free, normalize_answer
 from .errors import SmolthinkError
+from .seeds import derive_seed
 from .types import Example
 
-# A train split is drawn from this seed offset; eval from the base seed. Questions are deduplicated anyway.
-TRAIN_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -83,7 +82,7 @@ def _weight(name: str, value: Any) -> float:
 def _syllogism_gold_ok(entry: dict) -> bool:
     """reasoning-gym's syllogism checker skips the undistributed-middle rule, so ~12% of its labels are wrong
     (e.g. "All S are M, Some M are P" does not give "Some S are P"); keep items whose label is logically right."""
-    from .solvers import syllogism_verdict
+    from .solvers.syllogism import syllogism_verdict
 
     return syllogism_verdict(entry) == entry["metadata"]["is_valid"]
 
@@ -99,8 +98,21 @@ def _generate(spec: TaskSpec, seed: int, size: int) -> list[dict]:
     try:
         ds = rg.create_dataset(spec.name, seed=seed, size=size, **spec.config)
     except (TypeError, ValueError, AssertionError) as e:
-        raise SmolthinkError(f"bad config for task '{spec.name}': {e}") from None
+        given = f"config {spec.config}" if spec.config else "no settings given"
+        raise SmolthinkError(f"bad config for task '{spec.name}': {e} ({given}); {settings_hint(spec.name)}") from None
     return [ds[i] for i in range(size)]
+
+
+def settings_hint(name: str) -> str:
+    """What to do about a task's generator settings: the list form that carries them and the fields its
+    reasoning-gym config takes."""
+    import dataclasses
+
+    from reasoning_gym.factory import DATASETS
+
+    fields = [f.name for f in dataclasses.fields(DATASETS[name][1]) if f.name not in ("seed", "size")]
+    return (f"set its generator settings as task: [{{name: {name}, config: {{...}}}}] in the YAML (fields: "
+            f"{', '.join(fields) or 'none'})")
 
 
 def split_counts(specs: Sequence[TaskSpec], n: int) -> list[int]:
@@ -116,17 +128,24 @@ def split_counts(specs: Sequence[TaskSpec], n: int) -> list[int]:
 
 def _balanced(entries: list[dict], n: int, rng: random.Random) -> list[dict] | None:
     """n entries with (as near as possible) equal counts per gold answer class; None when the task has no
-    small answer set."""
+    small answer set. A class with too few entries (a skewed task such as letter_counting, where a count of 9 is
+    rare) gives all it has and the other classes share its shortfall equally."""
     classes = Counter(e["answer"] for e in entries)
     if None in classes or not 2 <= len(classes) <= 10:
         return None
     per = {c: [e for e in entries if e["answer"] == c] for c in classes}
-    want = split_counts([TaskSpec(str(c)) for c in per], n)
+    want = dict(zip(per, split_counts([TaskSpec(str(c)) for c in per], n)))
+    short = sum(max(0, k - len(per[c])) for c, k in want.items())
+    while short:  # hand the shortfall out one by one to classes that still have entries to give
+        spare = [c for c in per if len(per[c]) > want[c]]
+        if not spare:
+            return None  # fewer than n entries in all
+        for c in spare[:short]:
+            want[c] += 1
+        short -= len(spare[:short])
     out = []
-    for (c, items), k in zip(per.items(), want):
-        if len(items) < k:
-            raise SmolthinkError(f"not enough '{c}' answers to balance {n} items")
-        out += items[:k]
+    for c, items in per.items():
+        out += items[: min(want[c], len(items))]
     rng.shuffle(out)
     return out
 
@@ -140,12 +159,12 @@ def make_examples(
     exclude: Iterable[str] = (),
     check_gold: bool = True,
 ) -> list[Example]:
-    """n examples from the mixture, generated from `seed` (train uses seed + TRAIN_SEED_OFFSET), with every
-    question in `exclude` removed and duplicates dropped; `balanced` equalises answer classes per task;
+    """n examples from the mixture, each task's items generated from its own seed derived from (seed, split, task,
+    attempt), so the eval and train splits never share reasoning-gym seed ranges; every question in `exclude` is
+    removed and duplicates dropped; `balanced` equalises answer classes per task;
     `check_gold` drops items whose gold label is logically wrong (GOLD_CHECKS)."""
     banned = set(exclude)
-    rng = random.Random(f"{split}-{seed}")
-    base_seed = seed + (TRAIN_SEED_OFFSET if split == "train" else 0)
+    rng = random.Random(derive_seed(seed, "balance", split))
     out: list[Example] = []
     for k, (spec, count) in enumerate(zip(specs, split_counts(specs, n))):
         if count == 0:
@@ -153,7 +172,7 @@ def make_examples(
         pool_size, picked = int(count * (3 if balanced else 1.25)) + 16, None
         for attempt in range(6):
             check = GOLD_CHECKS.get(spec.name) if check_gold else None
-            pool = [e for e in _generate(spec, base_seed + 7919 * k + 104729 * attempt, pool_size)
+            pool = [e for e in _generate(spec, derive_seed(seed, split, spec.name, k, attempt), pool_size)
                     if e["question"] not in banned and (check is None or check(e))]
             pool = list({e["question"]: e for e in pool}.values())  # dedupe, keep order
             picked = _balanced(pool, count, rng) if balanced else None
@@ -188,6 +207,18 @@ def spec_for(example: Example, specs: Sequence[TaskSpec]) -> TaskSpec:
         if s.name == example.task:
             return s
     return TaskSpec(example.task)
+
+
+def reference_answer(ex: Example) -> str:
+    """One answer that scores as correct: the gold answer, or for checker-verified tasks (gold None, e.g.
+    propositional_logic) the valid answer the item's metadata gives (what a teacher is told, and what a
+    format-only trace answers)."""
+    if ex.answer is not None:
+        return str(ex.answer)
+    meta = ex.entry.get("metadata") or {}
+    if meta.get("example_answer") is not None:
+        return str(meta["example_answer"])
+    raise SmolthinkError(f"task '{ex.task}' has no gold answer and no metadata example_answer to hint with")
 
 
 def strict_match(answer: str | None, gold: str | None) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,27 +15,32 @@ from typing import Any
 import torch
 
 from .buffer import Experience, ExperienceBuffer
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import restore_checkpoint, save_checkpoint
 from .config import GRPOConfig
 from .grpo import group_advantages, policy_loss, zero_std_groups
+from .groups import GroupResult, group_metrics, group_results
 from .harness import TrainContext, TrainingRun, build_context, clip_and_step, start_process, training_run
 from .log import step_line
 from .packing import Packing, fill_old_logprobs, make_packing
+from .questions import QuestionSource, make_source
 from .rewards import load_functions, score_completions
 from .rundir import write_jsonl
 from .runtime import load_policy, render_prompts, trim_heap
+from .seeds import derive_seed
+from .task_metrics import per_task_metrics
 from .tasks import parse_tasks, train_eval_split
-from .types import Example, SamplingParams
+from .types import Example, RewardParts, Rollout, SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class GRPOContext(TrainContext):
-    """The shared context plus GRPO's own pieces: train questions, how forwards are chunked, the rollout engine
-    (the evaluator's), user reward functions, and (full fine-tuning with beta > 0) a frozen reference copy."""
+    """The shared context plus GRPO's own pieces: where questions come from (train set, curricula, replay), how
+    forwards are chunked, the rollout engine (the evaluator's), user reward functions, and (full fine-tuning with
+    beta > 0) a frozen reference copy."""
 
-    train: list[Example] = field(default_factory=list)
+    source: QuestionSource | None = None
     packing: Packing | None = None
     user_fns: list = field(default_factory=list)
     ref_model: Any = None
@@ -54,11 +58,22 @@ class LoopState:
     step: int = 0  # optimizer steps done
     rollouts: int = 0  # rollout batches generated (seeds the sampler)
     fills: int = 0  # buffer fills done (seeds minibatch order)
-    data_pos: int = 0  # next train question
     plan: list = field(default_factory=list)  # pending optimizer steps: [[minibatch indices, ...], ...]
     fill_stats: dict = field(default_factory=dict)  # stats of the fill being trained on
     buffer: dict = field(default_factory=dict)  # ExperienceBuffer.state_dict()
     samples: list = field(default_factory=list)  # a few decoded rollouts of the current fill
+    groups: list = field(default_factory=list)  # groups/step_*.jsonl rows of the current fill
+    source: dict = field(default_factory=dict)  # QuestionSource.state_dict() after the last finished fill
+
+
+@dataclass
+class Fill:
+    """What one buffer fill collected."""
+
+    exps: list[Experience]
+    stats: dict[str, float]
+    samples: list[dict]  # the first few decoded completions
+    groups: list[GroupResult]
 
 
 def derived_numbers(cfg: GRPOConfig) -> dict[str, Any]:
@@ -73,51 +88,47 @@ def derived_numbers(cfg: GRPOConfig) -> dict[str, Any]:
             "fills": math.ceil(cfg.max_steps / steps_per_fill), "on_policy": steps_per_fill == 1}
 
 
-def next_questions(train: list, state: LoopState, n: int, seed: int) -> list:
-    """The next n train examples: a fresh seeded shuffle each pass over the train set."""
-    out = []
-    for _ in range(n):
-        epoch, i = divmod(state.data_pos, len(train))
-        order = list(range(len(train)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        out.append(train[order[i]])
-        state.data_pos += 1
-    return out
-
-
-def collect_experience(ctx: GRPOContext, state: LoopState) -> tuple[list[Experience], dict[str, float], list[dict]]:
-    """Fill a buffer: rollout batches of P questions x G samples, scored and turned into group advantages.
-    Zero-signal groups are counted, and dropped (with a cap on extra batches) when drop_zero_std_groups."""
+def rollout_batch(ctx: GRPOContext, examples: list[Example], index: int) -> tuple:
+    """Generate G completions per question and score them -> (rollouts [P][G], texts [P*G], reward parts [P*G],
+    advantages [P, G], zero-std flags [P])."""
     cfg: GRPOConfig = ctx.cfg
-    tok, model = ctx.tok, ctx.model
     sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
+    rollouts = ctx.engine.generate(ctx.model, render_prompts(ctx.tok, examples), cfg.num_generations, sampling,
+                                   seed=derive_seed(cfg.seed, "rollout", index))  # [P][G]
+    flat = [r for row in rollouts for r in row]
+    texts = [ctx.tok.decode(r.completion_ids, skip_special_tokens=True) for r in flat]
+    parts = score_completions(texts, [ex for ex in examples for _ in range(cfg.num_generations)],
+                              [len(r.completion_ids) for r in flat], ctx.scorer, ctx.specs,
+                              cfg.reward, cfg.max_completion_length, ctx.evaluator.prefill, ctx.user_fns)
+    rewards = torch.tensor([p.total for p in parts], dtype=torch.float32).view(len(examples), -1)  # [P, G]
+    return rollouts, texts, parts, group_advantages(rewards, cfg.scale_rewards), zero_std_groups(rewards)
+
+
+def collect_experience(ctx: GRPOContext, state: LoopState) -> Fill:
+    """Fill a buffer: rollout batches of P questions (from the question source) x G samples, scored and turned into
+    group advantages; each batch's groups go back to the source (curricula, replay). Zero-signal groups are
+    counted, and dropped (with a cap on extra batches) when drop_zero_std_groups."""
+    cfg: GRPOConfig = ctx.cfg
     min_batches = derived_numbers(cfg)["rollouts_per_fill"]
-    exps, all_parts, lengths, truncs, zero, groups, samples = [], [], [], [], 0, 0, []
-    t0, gen_tokens, batches = time.time(), 0, 0
+    exps, all_parts, all_rollouts, groups, samples = [], [], [], [], []
+    t0, batches = time.time(), 0
     while len(exps) < cfg.buffer_size:
-        examples = next_questions(ctx.train, state, cfg.prompts_per_rollout, cfg.seed)
-        prompts = render_prompts(tok, examples)
-        rollouts = ctx.engine.generate(model, prompts, cfg.num_generations, sampling,
-                                          seed=cfg.seed * 7919 + state.rollouts)  # [P][G]
+        drawn = ctx.source.next_batch(cfg.prompts_per_rollout, state.rollouts)
+        examples = [d.example for d in drawn]
+        rollouts, texts, parts, adv, zero = rollout_batch(ctx, examples, state.rollouts)
         state.rollouts += 1
         batches += 1
-        flat = [r for row in rollouts for r in row]
-        texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in flat]
-        parts = score_completions(texts, [ex for ex in examples for _ in range(cfg.num_generations)],
-                                  [len(r.completion_ids) for r in flat], ctx.scorer, ctx.specs,
-                                  cfg.reward, cfg.max_completion_length, ctx.evaluator.prefill, ctx.user_fns)
-        rewards = torch.tensor([p.total for p in parts], dtype=torch.float32).view(len(examples), -1)  # [P, G]
-        adv = group_advantages(rewards, cfg.scale_rewards)  # [P, G]
-        flat_zero = zero_std_groups(rewards)  # [P]
+        batch_groups = group_results(examples, [d.origin for d in drawn], [d.level for d in drawn], rollouts,
+                                     parts, zero.tolist())
+        ctx.source.record(batch_groups)
         drop = cfg.drop_zero_std_groups and batches - min_batches < cfg.max_resample_attempts
-        for b in range(len(examples)):
-            groups += 1
-            zero += int(flat_zero[b])
-            if drop and flat_zero[b]:
+        for b, group in enumerate(batch_groups):
+            group.dropped = drop and group.zero_std
+            if group.dropped:
                 continue
             for g in range(cfg.num_generations):
                 k = b * cfg.num_generations + g
-                r = flat[k]
+                r = rollouts[b][g]
                 exps.append(Experience(prompt_ids=r.prompt_ids, completion_ids=r.completion_ids, old_logp=None,
                                        advantage=float(adv[b, g]), reward=parts[k].total,
                                        parts={"correct": parts[k].correct, "format": parts[k].format},
@@ -127,26 +138,35 @@ def collect_experience(ctx: GRPOContext, state: LoopState) -> tuple[list[Experie
                                     "gold": examples[b].answer, "reward": parts[k].total,
                                     "correct": parts[k].correct, "format": parts[k].format,
                                     "advantage": float(adv[b, g]), "truncated": r.truncated})
+        groups += batch_groups
         all_parts += parts
-        lengths += [len(r.completion_ids) for r in flat]
-        truncs += [r.truncated for r in flat]
-        gen_tokens += sum(len(r.completion_ids) for r in flat)
-    seconds = time.time() - t0
-    rs = torch.tensor([p.total for p in all_parts])
-    n = len(all_parts)
+        all_rollouts += [r for row in rollouts for r in row]
+    stats = fill_stats(cfg, all_parts, all_rollouts, time.time() - t0)
+    stats.update(group_metrics(groups))
+    stats.update(per_task_metrics(groups, all_parts, [s.name for s in ctx.specs]))
+    stats.update({"rollout/batches": float(batches), "rollout/extra_batches": float(batches - min_batches)})
+    stats.update(ctx.source.metrics(groups))
+    return Fill(exps, stats, samples, groups)
+
+
+def fill_stats(cfg: GRPOConfig, parts: list[RewardParts], rollouts: list[Rollout], seconds: float) -> dict[str, float]:
+    """Reward, length and rollout-speed metrics of a fill's completions (dropped groups included)."""
+    rs = torch.tensor([p.total for p in parts])
+    n = len(parts)
+    lengths = [len(r.completion_ids) for r in rollouts]
     stats = {"reward/mean": rs.mean().item(), "reward/std": rs.std().item() if n > 1 else 0.0,
-             "reward/correct": sum(p.correct for p in all_parts) / n,
-             "reward/format": sum(p.format for p in all_parts) / n,
-             "reward/partial": sum(p.partial for p in all_parts) / n,
-             "reward/length": sum(p.length for p in all_parts) / n,
-             "reward/scoring_errors": float(sum(p.error is not None for p in all_parts)),
-             "reward/frac_zero_std_groups": zero / max(groups, 1),
-             "completion/mean_len": sum(lengths) / n, "completion/clipped_frac": sum(truncs) / n,
-             "perf/rollout_s": seconds, "perf/rollout_tok_s": gen_tokens / max(seconds, 1e-9)}
+             "reward/correct": sum(p.correct for p in parts) / n,
+             "reward/format": sum(p.format for p in parts) / n,
+             "reward/partial": sum(p.partial for p in parts) / n,
+             "reward/length": sum(p.length for p in parts) / n,
+             "reward/scoring_errors": float(sum(p.error is not None for p in parts)),
+             "completion/mean_len": sum(lengths) / n,
+             "completion/clipped_frac": sum(r.truncated for r in rollouts) / n,
+             "perf/rollout_s": seconds, "perf/rollout_tok_s": sum(lengths) / max(seconds, 1e-9)}
     for name in cfg.reward.functions:
         stats[f"reward/{name.partition('=')[0]}"] = sum(p.extras.get(name.partition('=')[0], 0.0)
-                                                      for p in all_parts) / n
-    return exps, stats, samples
+                                                      for p in parts) / n
+    return stats
 
 
 def plan_steps(buffer: ExperienceBuffer, cfg: GRPOConfig, fill: int) -> list[list[list[int]]]:
@@ -157,7 +177,7 @@ def plan_steps(buffer: ExperienceBuffer, cfg: GRPOConfig, fill: int) -> list[lis
     if cfg.mask_truncated_completions:
         keep = {i for i, e in enumerate(buffer.items) if not e.truncated}
     for it in range(cfg.num_iterations):
-        gen = torch.Generator().manual_seed(cfg.seed * 104729 + fill * 31 + it)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "plan", fill, it))
         mbs = [mb for mb in buffer.minibatches(cfg.minibatch_size, gen, group_by_length=cfg.group_by_length)]
         if keep is not None:
             mbs = [[i for i in mb if i in keep] for mb in mbs]
@@ -168,16 +188,17 @@ def plan_steps(buffer: ExperienceBuffer, cfg: GRPOConfig, fill: int) -> list[lis
 
 
 def fill_buffer(ctx: GRPOContext, state: LoopState, buffer: ExperienceBuffer, on_policy: bool) -> float:
-    """Collect a buffer fill (on a copy of the counters, so an interrupt mid-collection leaves the state of the
-    last finished step), plan its optimizer steps, and compute old log-probs when more than one update follows
-    -> rollout seconds."""
+    """Collect a buffer fill (on a copy of the counters, and the question source's state is taken only once the
+    fill is complete, so an interrupt mid-collection leaves the state of the last finished step), plan its
+    optimizer steps, and compute old log-probs when more than one update follows -> rollout seconds."""
     fill_state = dataclasses.replace(state)
-    exps, fill_stats, samples = collect_experience(ctx, fill_state)
+    fill = collect_experience(ctx, fill_state)
     trim_heap()  # the rollout's KV caches are gone: hand their pages back before training
     buffer.clear()
-    buffer.extend(exps)
-    state.rollouts, state.data_pos = fill_state.rollouts, fill_state.data_pos
-    state.fill_stats, state.samples = fill_stats, samples
+    buffer.extend(fill.exps)
+    state.rollouts, state.source = fill_state.rollouts, ctx.source.state_dict()
+    state.fill_stats, state.samples = {**fill.stats, "rollout/fill": float(state.fills)}, fill.samples
+    state.groups = [g.row(state.step + 1, state.fills) for g in fill.groups]
     state.plan = plan_steps(buffer, ctx.cfg, state.fills)
     state.fills += 1
     if not on_policy:
@@ -221,7 +242,7 @@ def accumulate(totals: dict[str, float], loss: float, stats: dict[str, Any], wei
 def optimizer_step(ctx: GRPOContext, buffer: ExperienceBuffer, minibatches: list[list[int]]) -> dict[str, float]:
     """One optimizer step over gradient_accumulation minibatches, each split into chunks of at most
     max_tokens_per_forward tokens; normalisers are the whole step's, so the accumulated gradient equals the
-    big-batch gradient."""
+    big-batch gradient. A NaN/inf loss or gradient skips the update (`harness.clip_and_step`)."""
     t0 = time.time()
     items = [i for mb in minibatches for i in mb]
     n_seqs = len(items)
@@ -235,10 +256,10 @@ def optimizer_step(ctx: GRPOContext, buffer: ExperienceBuffer, minibatches: list
             accumulate(totals, loss, stats, batch.completion_mask.sum().item() / max(n_tok, 1))
             tokens_run += ctx.packing.computed_tokens(batch)
     lr = ctx.scheduler.get_last_lr()[0]
-    grad_norm = clip_and_step(ctx)
+    totals.update(clip_and_step(ctx, totals["loss/total"]))
     seconds = time.time() - t0
     seq_tokens = sum(buffer.seq_len(i) for i in items)
-    totals.update({"grad_norm": grad_norm, "lr": lr, "perf/train_s": seconds,
+    totals.update({"lr": lr, "perf/train_s": seconds,
                    "perf/train_tok_s": seq_tokens / max(seconds, 1e-9),
                    "perf/train_computed_tok_s": tokens_run / max(seconds, 1e-9),
                    "train/sequences": float(n_seqs)})
@@ -265,15 +286,17 @@ def reference_logprobs(ctx: GRPOContext, batch) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 def setup(cfg: GRPOConfig, run) -> GRPOContext:
-    """Build everything a run needs: train questions, policy, engine, scorer, optimizer, scheduler, evaluator."""
+    """Build everything a run needs: the question source, policy, engine, scorer, optimizer, scheduler,
+    evaluator."""
     start_process(cfg)
-    train, _ = train_eval_split(parse_tasks(cfg.task), cfg.train_size, cfg.eval.n, cfg.seed,
-                                balanced_eval=cfg.eval.balanced)
+    specs = parse_tasks(cfg.task)
+    train, eval_set = train_eval_split(specs, cfg.train_size, cfg.eval.n, cfg.seed, balanced_eval=cfg.eval.balanced)
+    source = make_source(cfg, specs, train, (e.question for e in eval_set))
     model, tok = load_policy(cfg)
     share = cfg.share_prompts and not cfg.gradient_checkpointing
     if cfg.share_prompts and not share:
         log.info("share_prompts is off: gradient checkpointing does not keep the prompt's KV cache")
-    return build_context(GRPOContext, cfg, run, cfg.max_steps, model, tok, train=train,
+    return build_context(GRPOContext, cfg, run, cfg.max_steps, model, tok, source=source,
                          packing=make_packing(share, cfg.max_tokens_per_forward, tok.pad_token_id),
                          user_fns=load_functions(cfg.reward.functions))
 
@@ -281,21 +304,21 @@ def setup(cfg: GRPOConfig, run) -> GRPOContext:
 def save(ctx: GRPOContext, state: LoopState, buffer: ExperienceBuffer) -> Path:
     """Checkpoint the state after the last finished optimizer step."""
     state.buffer = buffer.state_dict()
-    counters = {k: getattr(state, k) for k in ("rollouts", "fills", "data_pos")}
-    extra = {k: getattr(state, k) for k in ("plan", "fill_stats", "buffer", "samples")}
+    counters = {k: getattr(state, k) for k in ("rollouts", "fills")}
+    extra = {k: getattr(state, k) for k in ("plan", "fill_stats", "buffer", "samples", "groups", "source")}
     return save_checkpoint(ctx.run.checkpoints, state.step, ctx.model, ctx.optimizer, ctx.scheduler, counters,
                            extra, keep=ctx.cfg.keep_checkpoints)
 
 
 def restore(ctx: GRPOContext, tr: TrainingRun, buffer: ExperienceBuffer) -> LoopState:
-    """A fresh loop state, or the checkpoint's (weights, optimizer, RNG and buffer restored)."""
+    """A fresh loop state, or the checkpoint's (weights, optimizer, RNG, buffer and question source restored)."""
     if tr.resume_from is None:
-        return LoopState()
-    counters, extra = load_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
-    state = LoopState(step=counters["step"], rollouts=counters["rollouts"], fills=counters["fills"],
-                      data_pos=counters["data_pos"], **extra)
+        return LoopState(source=ctx.source.state_dict())
+    counters, extra = restore_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
+    state = LoopState(step=counters["step"], rollouts=counters["rollouts"], fills=counters["fills"], **extra)
     buffer.load_state_dict(state.buffer)
-    log.info("resumed from %s (step %d)", tr.resume_from, state.step)
+    ctx.source.load_state_dict(state.source)
+    log.info("resumed from %s (step %d)", tr.resume_from.path, state.step)
     return state
 
 
@@ -332,9 +355,11 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
             m = optimizer_step(ctx, buffer, state.plan[0])
             state.plan.pop(0)
             state.step += 1
-            # ---- 5. samples, log, eval, checkpoint ----
+            # ---- 5. samples, groups, log, eval, checkpoint ----
             if cfg.sample_every and (state.step % cfg.sample_every == 0 or state.step == 1) and rollout_s:
                 write_jsonl(tr.run.samples(state.step), [{"step": state.step, **s} for s in state.samples])
+            if rollout_s:
+                write_jsonl(tr.run.groups(state.step), state.groups)
             tr.end_step(state.step, cfg.max_steps, {**state.fill_stats, **m, "perf/rollout_s": rollout_s}, step_line)
         # ---- 6. the end: checkpoint, final eval, final model, DONE ----
         return tr.finish(state.step, "final eval")

@@ -9,7 +9,6 @@ plus the EOS token, exactly like a rollout that stopped by itself. Masks come fr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import time
@@ -21,7 +20,7 @@ import torch
 
 from .buffer import Experience, ExperienceBuffer
 from .chat import render_prompt
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import restore_checkpoint, save_checkpoint
 from .config import SFTConfig
 from .errors import SmolthinkError
 from .harness import TrainContext, TrainingRun, build_context, clip_and_step, start_process, training_run
@@ -31,6 +30,7 @@ from .packing import PaddedChunks
 from .rundir import RunDir, write_json
 from .models import file_sha256
 from .runtime import load_policy
+from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class SFTState:
     epoch: int = 0  # current pass over the traces
     pos: int = 0  # optimizer steps done within the current epoch
     data_sha256: str = ""  # the traces file trained on (a resume on other data fails)
+    seconds: float = 0.0  # training seconds before this process (a max_seconds budget continues on resume)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def build_experiences(tokenizer, rows: Sequence[dict[str, Any]], max_length: int
 def epoch_plan(buffer: ExperienceBuffer, cfg: SFTConfig, epoch: int) -> list[list[list[int]]]:
     """Optimizer steps of one pass: a seeded permutation (length-grouped minibatches to cut padding), cut into
     minibatches and grouped gradient_accumulation_steps at a time (the last step may be smaller)."""
-    gen = torch.Generator().manual_seed(cfg.seed * 104729 + 7 + epoch)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "sft-order", epoch))
     mbs = list(buffer.minibatches(cfg.minibatch_size, gen, group_by_length=True))
     ga = cfg.gradient_accumulation_steps
     return [mbs[s : s + ga] for s in range(0, len(mbs), ga)]
@@ -109,7 +110,8 @@ def sft_loss(model, batch, n_tokens_total: int) -> tuple[torch.Tensor, int]:
 
 
 def optimizer_step(ctx: "SFTContext", minibatches: list[list[int]]) -> dict[str, float]:
-    """Forward/backward every chunk of the step's micro-batches, clip, step, schedule -> metrics."""
+    """Forward/backward every chunk of the step's micro-batches, clip, step, schedule (skipped on a NaN/inf loss
+    or gradient) -> metrics."""
     t0 = time.time()
     buffer = ctx.buffer
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
@@ -122,9 +124,9 @@ def optimizer_step(ctx: "SFTContext", minibatches: list[list[int]]) -> dict[str,
             ctx.accelerator.backward(loss)
             loss_sum += loss.item()
             tokens_seen += ctx.packing.computed_tokens(batch)
-    grad_norm = clip_and_step(ctx)
+    stepped = clip_and_step(ctx, loss_sum)
     seconds = time.time() - t0
-    return {"loss/sft": loss_sum, "lr": lr, "grad_norm": grad_norm, "perf/train_s": seconds,
+    return {"loss/sft": loss_sum, "lr": lr, **stepped, "perf/train_s": seconds,
             "perf/train_tok_s": tokens_seen / max(seconds, 1e-9), "train/sequences": float(sum(map(len, minibatches))),
             "train/assistant_tokens": float(n_tok)}
 
@@ -134,6 +136,29 @@ def sft_line(step: int, total: int, m: dict[str, float], step_s: float, eta_s: f
     return (f"sft {step}/{total} | loss {m.get('loss/sft', 0):.4f} | lr {m.get('lr', 0):.2e} | "
             f"gnorm {m.get('grad_norm', 0):.2f} | epoch {m.get('epoch', 0):.2f} | "
             f"{m.get('perf/train_tok_s', 0):.0f} tok/s | {step_s:.1f} s/step | eta {fmt_duration(eta_s)}")
+
+
+class Budget:
+    """A training time budget (`max_seconds`, 0: none), checked between optimizer steps: it counts this process's
+    seconds since the loop began plus those a resumed checkpoint had already spent."""
+
+    def __init__(self, max_seconds: float, spent_before: float):
+        self.max_seconds, self.before, self.t0 = max_seconds, spent_before, time.time()
+
+    def elapsed(self) -> float:
+        """Training seconds so far."""
+        return self.before + time.time() - self.t0
+
+    def spent(self) -> bool:
+        """True once the budget is used up (never without one)."""
+        return self.max_seconds > 0 and self.elapsed() >= self.max_seconds
+
+    def line(self, line: Callable[..., str]) -> Callable[..., str]:
+        """The console line with its ETA capped by the time left (the step cap of a clock-bound run is far off)."""
+        if self.max_seconds <= 0:
+            return line
+        return lambda step, total, m, step_s, eta_s: line(step, total, m, step_s,
+                                                          min(eta_s, max(0.0, self.max_seconds - self.elapsed())))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,7 +225,7 @@ def setup(cfg: SFTConfig, run: RunDir, resume: bool) -> SFTContext:
 
 def save(ctx: SFTContext, state: SFTState) -> Path:
     """Checkpoint after the last finished optimizer step."""
-    counters = {"epoch": state.epoch, "pos": state.pos, "data_sha256": state.data_sha256}
+    counters = {"epoch": state.epoch, "pos": state.pos, "data_sha256": state.data_sha256, "seconds": state.seconds}
     return save_checkpoint(ctx.run.checkpoints, state.step, ctx.model, ctx.optimizer, ctx.scheduler, counters,
                            keep=ctx.cfg.keep_checkpoints)
 
@@ -210,11 +235,12 @@ def restore(ctx: SFTContext, tr: TrainingRun) -> SFTState:
     sha = ctx.data_stats["sha256"]
     if tr.resume_from is None:
         return SFTState(data_sha256=sha)
-    counters, _ = load_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
+    counters, _ = restore_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
     if counters.get("data_sha256") and counters["data_sha256"] != sha:
         raise SmolthinkError(f"{ctx.data_stats['path']} changed since the checkpoint: resume needs the same traces")
-    log.info("resumed from %s (step %d, epoch %d)", tr.resume_from, counters["step"], counters["epoch"])
-    return SFTState(step=counters["step"], epoch=counters["epoch"], pos=counters["pos"], data_sha256=sha)
+    log.info("resumed from %s (step %d, epoch %d)", tr.resume_from.path, counters["step"], counters["epoch"])
+    return SFTState(step=counters["step"], epoch=counters["epoch"], pos=counters["pos"], data_sha256=sha,
+                    seconds=counters["seconds"])
 
 
 def next_step(ctx: SFTContext, state: SFTState) -> list[list[int]]:
@@ -231,10 +257,11 @@ def describe(ctx: SFTContext) -> None:
     """The derived numbers, once at start-up."""
     ds, cfg = ctx.data_stats, ctx.cfg
     log.info("SFT: %d traces (%d dropped: %d too long, %d eval overlap), %d assistant tokens; %d sequences per "
-             "optimizer step (%d x %d accumulation); %d steps per epoch; %d steps", ds["used"],
+             "optimizer step (%d x %d accumulation); %d steps per epoch; %d steps%s", ds["used"],
              ds["traces"] - ds["used"], ds["dropped_too_long"], ds["dropped_eval_overlap"], ds["assistant_tokens"],
              ds["sequences_per_step"], cfg.minibatch_size, cfg.gradient_accumulation_steps, ctx.steps_per_epoch,
-             ctx.total)
+             ctx.total, f" or {fmt_duration(cfg.max_seconds)} of training, whichever ends first"
+             if cfg.max_seconds else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,14 +282,16 @@ def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False,
         write_json(tr.run.data_stats, ctx.data_stats)
         tr.start(ctx, state.step, save=lambda: save(ctx, state),
                  config=dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=ctx.data_stats["path"])))
-        while state.step < ctx.total and not tr.stopping:
+        budget = Budget(cfg.max_seconds, state.seconds)
+        while state.step < ctx.total and not tr.stopping and not budget.spent():
             # ---- 3. one optimizer step ----
             m = optimizer_step(ctx, next_step(ctx, state))
             state.pos += 1
             state.step += 1
+            state.seconds = budget.elapsed()
             # ---- 4. log, eval, checkpoint ----
             m["epoch"] = state.epoch + state.pos / ctx.steps_per_epoch
-            tr.end_step(state.step, ctx.total, m, sft_line)
+            tr.end_step(state.step, ctx.total, m, budget.line(sft_line))
             if on_step is not None:
                 on_step(state.step, m)
         # ---- 5. the end: checkpoint, final eval, final model, DONE ----

@@ -103,7 +103,8 @@ def _child_smolthink(args) -> dict[str, Any]:
 
     steps = args.grpo_steps + 1
     group = args.prompts * args.group
-    from ..config import build_config, parse_overrides
+    from ..config import build_config
+    from ..configlib import parse_overrides
 
     recipe = dict(model=args.model, task="syllogism", seed=args.seed, prompts_per_rollout=args.prompts,
                   num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=args.temperature,

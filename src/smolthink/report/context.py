@@ -8,8 +8,11 @@ from typing import Any
 
 from ..rundir import PipelineDir, RunDir
 from .answers import AnswerDist, answer_distribution
-from .load import (RESULT_STAGES, EvalPoint, Stage, load_stage, load_stage_eval, read_json, read_yaml, stage_status,
-                   stage_timing)
+from .load import (RESULT_STAGES, EvalPoint, Stage, load_stage, load_stage_eval, load_transfer, read_json, read_yaml,
+                   stage_status, stage_timing)
+
+
+CONTROL_LABEL = "sft_control (equal-time SFT)"
 
 
 @dataclass
@@ -23,7 +26,7 @@ class EvalRow:
 
 @dataclass
 class ReportContext:
-    """A run directory as the report sees it. The fields from `status` to `data_stats` are pipeline-only; the last
+    """A run directory as the report sees it. The fields from `status` to `transfer` are pipeline-only; the last
     three are derived from the rows and the config."""
 
     run: Path  # as given on the command line
@@ -37,13 +40,17 @@ class ReportContext:
     stage_evals: dict[str, EvalPoint | None] = field(default_factory=dict)  # base_eval, final_eval
     timings: dict[str, Any] = field(default_factory=dict)  # timings.json
     data_stats: dict[str, Any] | None = None  # data/stats.json
+    control: EvalRow | None = None  # the equal-time SFT-only control's last eval (sft_control/)
+    passk: dict[str, dict[str, Any]] = field(default_factory=dict)  # passk/<stage>.json by stage (sft, grpo, ...)
+    transfer: dict[str, EvalPoint] = field(default_factory=dict)  # "base" / "final" on the transfer tasks
     dists: dict[str, AnswerDist | None] = field(init=False)  # row label -> predicted answer distribution
     task: str | None = field(init=False)
     model: Any = field(init=False)  # None: the embedded default model
 
     def __post_init__(self) -> None:
         points = [row.point for row in self.rows if row.point is not None]
-        self.dists = {row.label: answer_distribution(row.point) for row in self.rows if row.point is not None}
+        rows = self.rows + ([self.control] if self.control is not None else [])
+        self.dists = {row.label: answer_distribution(row.point) for row in rows if row.point is not None}
         self.task = self.config.get("task") or next((p.summary.get("task") for p in points
                                                      if p.summary.get("task")), None)
         self.model = self.config.get("model") if "model" in self.config else \
@@ -72,8 +79,9 @@ def gather(run: Path) -> ReportContext:
 
 def _gather_pipeline(pipe: PipelineDir) -> ReportContext:
     """base_eval -> sft -> final (or GRPO's last eval when final_eval is missing); any stage may be missing."""
-    status = {name: stage_status(pipe, name) for name in RESULT_STAGES}
-    stages = [load_stage(name, pipe.run(name)) for name in ("sft", "grpo") if pipe.stage(name).is_dir()]
+    config = read_yaml(pipe.config)
+    status = {name: stage_status(pipe, name, config) for name in RESULT_STAGES}
+    stages = [load_stage(name, pipe.run(name)) for name in ("sft", "grpo", "sft_control") if pipe.stage(name).is_dir()]
     by_name = {st.name: st for st in stages}
     stage_evals = {name: load_stage_eval(pipe, name) for name in ("base_eval", "final_eval")}
     sft, grpo, final = by_name.get("sft"), by_name.get("grpo"), stage_evals["final_eval"]
@@ -89,10 +97,14 @@ def _gather_pipeline(pipe: PipelineDir) -> ReportContext:
     wall_times = {name: stage_timing(pipe.stage(name), by_name.get(name), timings.get(name))
                   for name in RESULT_STAGES}
     stats = read_json(pipe.data_stats)
-    return ReportContext(run=pipe.root, pipeline=True, config=read_yaml(pipe.config), stages=stages, rows=rows,
-                         missing=[f"`{name}/`: {st}" for name, st in status.items() if st != "done"],
+    control = by_name.get("sft_control")
+    passk = {name: read_json(pipe.passk(name)) for name in ("sft", "grpo", "sft_control")}
+    return ReportContext(run=pipe.root, pipeline=True, config=config, stages=stages, rows=rows,
+                         missing=[f"`{name}/`: {st}" for name, st in status.items() if st not in ("done", "off")],
                          wall_times=wall_times, status=status, stage_evals=stage_evals, timings=timings,
-                         data_stats=stats if isinstance(stats, dict) else None)
+                         data_stats=stats if isinstance(stats, dict) else None,
+                         control=EvalRow(CONTROL_LABEL, control.evals[-1]) if control and control.evals else None,
+                         passk={k: v for k, v in passk.items() if isinstance(v, dict)}, transfer=load_transfer(pipe))
 
 
 def _gather_single(run: RunDir) -> ReportContext:

@@ -129,6 +129,12 @@ def load_stage_eval(pipe: PipelineDir, stage: str) -> EvalPoint | None:
     return _eval_point(pipe.eval_json(stage), pipe.completions(stage), None)
 
 
+def load_transfer(pipe: PipelineDir) -> dict[str, EvalPoint]:
+    """The transfer stage's evals that exist: {"base": ..., "final": ...}."""
+    points = {m: _eval_point(pipe.transfer_eval(m), pipe.transfer_completions(m), None) for m in ("base", "final")}
+    return {m: p for m, p in points.items() if p is not None}
+
+
 # ----------------------------------------------------------------------------------------------- stages
 
 
@@ -169,10 +175,21 @@ def load_stage(name: str, run: RunDir) -> Stage:
                  read_jsonl(samples_file) if samples_file else [], read_yaml(run.config), run.done() is not None)
 
 
-def stage_status(pipe: PipelineDir, stage: str) -> str:
-    """'done' (DONE written), 'incomplete (no DONE marker)' (started), or 'missing'."""
+# Pipeline stages a config may turn off, and how pipeline.yaml says they are on (as pipeline.stage_enabled decides;
+# a config from before a stage existed does not name it: off).
+OPTIONAL_STAGES = {"sft_control": lambda c: c.get("sft_control") is True,
+                   "passk": lambda c: isinstance(c.get("passk"), dict) and c["passk"].get("enabled") is True
+                   and (c.get("eval") or {}).get("n", 1) != 0,
+                   "transfer": lambda c: isinstance(c.get("transfer"), dict) and bool(c["transfer"].get("tasks"))}
+
+
+def stage_status(pipe: PipelineDir, stage: str, config: dict[str, Any]) -> str:
+    """'done' (DONE written), 'off' (turned off in the config), 'incomplete (no DONE marker)' (started), or
+    'missing'."""
     if pipe.done(stage) is not None:
         return "done"
+    if stage in OPTIONAL_STAGES and not OPTIONAL_STAGES[stage](config):
+        return "off"
     d = pipe.stage(stage)
     if d.is_dir() and any(d.iterdir()):
         return "incomplete (no DONE marker)"

@@ -5,7 +5,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..rundir import PipelineDir, atomic_write
+from .breakdown import per_task_section, transfer_section
 from .context import ReportContext, gather
+from .flips import flips_section
+from .rl import budget_section, control_section
 from .sections import (answers_section, before_after_section, header_section, plots_section, samples_section,
                        stages_section, summary_section)
 
@@ -16,7 +19,12 @@ SECTIONS: list[Callable[[ReportContext], list[str]]] = [
     summary_section,
     stages_section,
     before_after_section,
+    per_task_section,
+    transfer_section,
+    control_section,
+    flips_section,
     answers_section,
+    budget_section,
     plots_section,
     samples_section,
 ]

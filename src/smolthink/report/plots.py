@@ -148,12 +148,17 @@ def plot_length(stage: Stage, path: Path, title: str) -> bool:
 
 
 def plot_zero_std(stage: Stage, path: Path, title: str) -> bool:
-    """Share of groups whose completions all got the same reward (no learning signal)."""
+    """Share of groups whose completions all got the same reward (no learning signal), and of groups all right /
+    all wrong by strict correctness where the run logged them."""
     if not has_metric(stage.metrics, "reward/frac_zero_std_groups"):
         return False
     fig, (ax,) = _figure(1)
     xs, ys = series(stage.metrics, "reward/frac_zero_std_groups")
     _curve(ax, xs, ys, "groups with zero reward std", "tab:purple")
+    for key, label, color in (("groups/all_correct_frac", "all right", "tab:green"),
+                              ("groups/all_wrong_frac", "all wrong", "tab:red")):
+        if has_metric(stage.metrics, key):
+            _curve(ax, *series(stage.metrics, key), label, color, linestyle="--")
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("fraction of groups")
     ax.set_title(f"{title}: groups with no learning signal (all rewards equal)")

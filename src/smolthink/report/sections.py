@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..data_auto import yield_lines
 from ..log import fmt_duration
 from .answers import AnswerDist, collapse_message
 from .context import EvalRow, ReportContext
@@ -101,6 +102,7 @@ def summary_section(ctx: ReportContext) -> list[str]:
                    + (f", rejection rate {pct(stats['rejection_rate'])}" if is_num(stats.get("rejection_rate"))
                       else "")
                    + (f" ({reasons})" if reasons else ""))
+        out += [f"  - {line}" for line in yield_lines(stats)]
     return out + [""]
 
 
@@ -194,12 +196,13 @@ def before_after_section(ctx: ReportContext) -> list[str]:
         out += ["| stage | step | accuracy [95% CI] | balanced acc. | majority baseline | format rate | "
                 "mean completion len | n | Δ acc vs base (pts) | Δ acc vs majority (pts) | top answer |",
                 "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|"]
-        out += [_table_row(row, base_row, ctx.dists.get(row.label)) for row in ctx.rows]
-        sources = ", ".join(f"{row.label} = `{_rel(ctx, row.point.path)}`" for row in ctx.rows
+        rows = ctx.rows + ([ctx.control] if ctx.control is not None else [])
+        out += [_table_row(row, base_row, ctx.dists.get(row.label)) for row in rows]
+        sources = ", ".join(f"{row.label} = `{_rel(ctx, row.point.path)}`" for row in rows
                             if row.point is not None)
         out += ["", f"Sources: {sources}. Δ in percentage points of accuracy; \"top answer\": the most common "
                 "predicted answer and its share of the answered completions.", ""]
-        out += [line for line in (_delta_line(row, base_row) for row in ctx.rows) if line]
+        out += [line for line in (_delta_line(row, base_row) for row in rows) if line]
         out.append("")
     notes = _notes(ctx.rows)
     if notes:
