@@ -21,7 +21,6 @@ from smolthink.errors import SmolthinkError
 from smolthink.logprobs import token_logprobs
 from smolthink.onednn import OneDNNLinears, bf16_available
 from test_onednn import batch, lora_tiny
-from test_sft import traces  # noqa: F401 - the fixture: 8 verified syllogism traces
 
 pytestmark = pytest.mark.skipif(not bf16_available(), reason="no native bf16 GEMMs in oneDNN here")
 
@@ -95,7 +94,7 @@ def test_bf16_refused_where_onednn_cannot_run_it(monkeypatch):
     assert len(OneDNNLinears(lora_tiny(), precision="fp32")) > 0
 
 
-def _sft_losses(tiny_dir, traces, out, precision):  # noqa: F811
+def _sft_losses(tiny_dir, traces, out, precision):
     """The per-step SFT losses of a short LoRA run on the 8 traces."""
     from smolthink.train_sft import train_sft
 
@@ -107,7 +106,7 @@ def _sft_losses(tiny_dir, traces, out, precision):  # noqa: F811
     return [json.loads(line)["loss/sft"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sft_bf16_follows_the_fp32_loss_curve(tmp_path, tiny_dir, traces):  # noqa: F811
+def test_sft_bf16_follows_the_fp32_loss_curve(tmp_path, tiny_dir, traces):
     fp32 = _sft_losses(tiny_dir, traces, tmp_path / "a", "fp32")
     bf16 = _sft_losses(tiny_dir, traces, tmp_path / "b", "bf16")
     drop = fp32[0] - fp32[-1]
