@@ -168,6 +168,20 @@ def test_teacher_gives_up_after_max_retries_and_retries_connection_errors(srv, t
     assert dead.stats["requests"] == 2 and dead.stats["retries"] == 1 and dead.stats["failed"] == 1
 
 
+def test_a_refused_connection_gets_few_retries_and_a_reason(tmp_path):
+    """Nothing listens there: REFUSED_RETRIES retries, not max_retries, and the reason is kept for the caller."""
+    from smolthink.teacher_api import REFUSED_RETRIES
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = APITeacher(f"http://127.0.0.1:{port}", "m", concurrency=1, max_retries=6, backoff=0,
+                      cache_dir=tmp_path / "dead")
+    assert dead.complete_many(reqs(["a", "b"])) == [None, None]
+    assert dead.stats["requests"] == 2 * (1 + REFUSED_RETRIES) < 2 * 7 and dead.stats["failed"] == 2
+    assert "refused" in dead.last_error.lower()
+
+
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_teacher_concurrency_limit(srv, tmp_path, concurrency):
     srv.delay_s = 0.15  # each request stays in flight a while, so overlap is observable

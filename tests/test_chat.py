@@ -9,6 +9,28 @@ def test_extract_takes_last_answer_block():
     assert extract_answer("<answer></answer>") == ""
 
 
+def test_extract_reads_blocks_as_the_lazy_regex_does():
+    """Every answer the old `re.findall(r"<answer>(.*?)</answer>")[-1]` reading gave, on random tag soup."""
+    import random
+    import re
+
+    lazy = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+    rng = random.Random(0)
+    pieces = ["<answer>", "</answer>", "x", " Yes ", "\n", "<answer", "answer>", "</", "<"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(14)))
+        found = lazy.findall(text)
+        assert extract_answer(text) == (found[-1].strip() if found else None), text
+
+
+def test_extract_on_a_256kb_completion_of_unclosed_openings():
+    text = "<answer>" * 32768  # 256 KB; the lazy regex rescanned the rest of the text from every opening
+    assert extract_answer(text) is None
+    assert extract_answer(text + " Yes </answer>") == "<answer>" * 32767 + " Yes"
+    assert extract_answer("<answer> No </answer>" + text) == "No"
+    assert extract_answer(text[:-8] + "</answer>" + text) == "<answer>" * 32766
+
+
 def test_format_strict_accepts_exact_layout_with_whitespace():
     assert format_ok("<think> step 1 </think> <answer> Yes </answer>")
     assert format_ok("\n<think>\nreason here\n</think>\n\n<answer>No</answer>\n")

@@ -1,7 +1,10 @@
 """A tiny-model pipeline run produces every artifact (the equal-time SFT control and pass@k included), a report with
 its sections and plots, and skips finished stages on rerun."""
 import json
+import os
+import signal
 
+import pytest
 import yaml
 
 from smolthink.cli import main
@@ -56,16 +59,24 @@ def test_pipeline_smoke_and_stage_skipping(tmp_path, tiny_dir):
     assert after == before
 
 
-def test_stopped_stage_is_not_done_and_later_stages_wait(tmp_path, tiny_dir, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stopped_stage_is_not_done_and_later_stages_wait(tmp_path, tiny_dir, monkeypatch, sig, capsys):
     """A training stage stopped by Ctrl-C/SIGTERM (train_sft returns None after its checkpoint) must not be marked
-    DONE, and GRPO must not start on a missing SFT model."""
+    DONE, GRPO must not start on a missing SFT model, and the pipeline exits 128 + the signal (130, 143)."""
     import smolthink.train_sft
 
-    monkeypatch.setattr(smolthink.train_sft, "train_sft", lambda *a, **k: None)
+    def stopped_by_signal(*a, **k):  # what the harness does: its own handler takes the signal, then it returns
+        previous = signal.signal(sig, lambda *_: None)
+        os.kill(os.getpid(), sig)
+        signal.signal(sig, previous)
+        return None
+
+    monkeypatch.setattr(smolthink.train_sft, "train_sft", stopped_by_signal)
     run = tmp_path / "run"
     args = ["pipeline", "--model", str(tiny_dir), "--out", str(run)]
     for s in SETS:
         args += ["--set", s]
-    assert main(args) == 0
+    assert main(args) == 128 + sig
+    assert "the sft stage stopped before its end" in capsys.readouterr().err
     assert (run / "data" / "DONE").is_file()
     assert not (run / "sft" / "DONE").exists() and not (run / "grpo").exists()

@@ -18,7 +18,7 @@ SYSTEM_PROMPT = (
 # Answers that are case-insensitive by nature: "yes" answers "Yes".
 CASE_FREE_ANSWERS = frozenset({"yes", "no", "true", "false", "valid", "invalid"})
 _WS = re.compile(r"\s+")
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 # Exactly one think block then one answer block, nothing but whitespace around or between them, and no stray tags
 # inside either block.
 _FORMAT_RE = re.compile(
@@ -30,9 +30,18 @@ MIN_THINK_WORDS = 2  # one token ("x", "reason", "...") is not a reason; two wor
 
 
 def extract_answer(completion: str) -> str | None:
-    """Return the stripped text of the last <answer>...</answer> block, or None when there is none."""
-    found = _ANSWER_RE.findall(completion)
-    return found[-1].strip() if found else None
+    """Return the stripped text of the last <answer>...</answer> block, or None when there is none.
+
+    Blocks are read left to right, each from the first <answer> after the previous block to the first </answer>
+    after that (an <answer> inside a block is part of its text). str.find scans each character about once, where
+    a lazy regex rescans the rest of the text from every unclosed <answer>: quadratic on a long completion."""
+    found, pos = None, 0
+    while (start := completion.find(ANSWER_OPEN, pos)) >= 0:
+        end = completion.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+        if end < 0:
+            break  # no later block can close either
+        found, pos = completion[start + len(ANSWER_OPEN) : end], end + len(ANSWER_CLOSE)
+    return found.strip() if found is not None else None
 
 
 def normalize_answer(text: str, case_free: bool) -> str:

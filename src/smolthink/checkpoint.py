@@ -1,5 +1,5 @@
 """Atomic, verifiable checkpoints and exact resume: trainable weights (safetensors), optimizer, scheduler, RNG
-states and loop state, written to a temporary directory with a manifest (every file's size and sha256) written
+states (one per process) and loop state, written to a temporary directory with a manifest (every file's size and sha256) written
 last, then renamed, so a crash never leaves a half checkpoint under a real name. Resume reads the newest
 checkpoint that matches its manifest and loads, falling back to older ones."""
 from __future__ import annotations
@@ -60,17 +60,20 @@ def write_manifest(directory: Path, step: int) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict[str, Any],
-                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+                    extra: dict[str, Any] | None = None, keep: int = 2,
+                    rng_states: list[dict[str, Any]] | None = None) -> Path:
     """Write checkpoints/step_XXXXXX atomically (`rundir.atomic_dir`: built under a temp name, fsynced, renamed)
     with its manifest last; keep the newest `keep` ones. `state` is JSON (loop counters), `extra` is torch-saved
-    (buffer, pending plan). Non-finite weights are refused (SmolthinkError)."""
+    (buffer, pending plan), `rng_states` every process's `rng_state()` by rank (default: this process's alone).
+    Non-finite weights are refused (SmolthinkError)."""
     require_finite(model, f"the step {step} checkpoint")
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / step_name(step)
     with atomic_dir(final) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {}}, tmp / "trainer.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "rng": rng_states or [rng_state()], "extra": extra or {}},
+                   tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         write_manifest(tmp, step)
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
@@ -105,7 +108,7 @@ class Checkpoint:
     state: dict[str, Any]  # state.json: {"step": int, loop counters...}
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    trainer: dict[str, Any]  # {"scheduler", "rng", "extra"}
+    trainer: dict[str, Any]  # {"scheduler", "rng": [rng_state() of each process, by rank], "extra"}
 
     @property
     def step(self) -> int:
@@ -160,8 +163,14 @@ def newest_intact(ckpt_root: Path) -> tuple[Checkpoint | None, list[tuple[Path, 
     return None, skipped
 
 
-def restore_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore weights, optimizer, scheduler and RNG from a read checkpoint -> (state, extra)."""
+def restore_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, rank: int = 0,
+                       world: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore weights, optimizer, scheduler and process `rank`'s RNG from a read checkpoint -> (state, extra). The
+    checkpoint must come from a run of `world` processes (each process's RNG and rollout seeds are its own)."""
+    rngs = ckpt.trainer["rng"]
+    if len(rngs) != world:
+        raise SmolthinkError(f"{ckpt.path} was written by a run of {len(rngs)} process(es): resume it with "
+                             f"{len(rngs)}, not {world}")
     params = dict(model.named_parameters())
     missing = [n for n in ckpt.weights if n not in params]
     if missing:
@@ -171,5 +180,5 @@ def restore_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler) -> tuple[d
             params[n].copy_(t)
     optimizer.load_state_dict(ckpt.optimizer)
     scheduler.load_state_dict(ckpt.trainer["scheduler"])
-    set_rng_state(ckpt.trainer["rng"])
+    set_rng_state(rngs[rank])
     return ckpt.state, ckpt.trainer["extra"]

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import SmolthinkError
+from .configlib import flag_type
+from .errors import SmolthinkError, Stopped, run_reported
+from .rundir import PipelineDir, RunDir, writable_dir, writable_file
 
 log = logging.getLogger("smolthink")
 
@@ -44,9 +46,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .tasks import parse_tasks
 
     cfg = load_command_config(EvalRunConfig, args, EVAL_FLAGS)
+    out = writable_dir(Path(args.out), "--out") if args.out else None
     set_threads(cfg.threads)
     model, tok = load_model(cfg.model)
-    out = Path(args.out) if args.out else None
     with Scorer(timeout=cfg.reward.scorer_timeout) as scorer:
         ev = make_evaluator(model, tok, parse_tasks(cfg.task), cfg.eval, cfg.reward, cfg.seed, scorer, cfg.engine)
         log.info("evaluating %s on %d %s questions (%s), %d sample(s) each, engine %s",
@@ -78,15 +80,24 @@ def resolve_run_dir(args: argparse.Namespace, kind: str) -> tuple[Path, bool]:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", False
 
 
+def run_stage(args: argparse.Namespace, kind: str, cls: type, train) -> None:
+    """One training stage from the command line: run directory, config, then `train(cfg, out, resume=)`; a run
+    that a signal stopped (train returns None after its checkpoint) ends the command as Stopped."""
+    out, resume = resolve_run_dir(args, kind)
+    cfg = load_command_config(cls, args, STAGE_FLAGS)
+    if not resume:
+        writable_dir(out, "run directory")
+    log.info("run directory: %s", out)
+    if train(cfg, out, resume=resume) is None:
+        raise Stopped(f"the run ended before its last step (checkpoint saved); continue with --resume {out}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """GRPO training."""
     from .config import GRPOConfig
     from .train_grpo import train
 
-    out, resume = resolve_run_dir(args, "grpo")
-    cfg = load_command_config(GRPOConfig, args, STAGE_FLAGS)
-    log.info("run directory: %s", out)
-    train(cfg, out, resume=resume)
+    run_stage(args, "grpo", GRPOConfig, train)
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -94,10 +105,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
     from .config import SFTConfig
     from .train_sft import train_sft
 
-    out, resume = resolve_run_dir(args, "sft")
-    cfg = load_command_config(SFTConfig, args, STAGE_FLAGS)
-    log.info("run directory: %s", out)
-    train_sft(cfg, out, resume=resume)
+    run_stage(args, "sft", SFTConfig, train_sft)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
@@ -122,6 +130,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     run = Path(args.run_dir)
     if not run.is_dir():
         raise SmolthinkError(f"no such run directory: {run}")
+    if not (RunDir(run).is_run() or PipelineDir(run).is_pipeline()):
+        raise SmolthinkError(f"{run} is not a run directory (no config.yaml, metrics.jsonl, eval/ or pipeline "
+                             "stages)")
     log.info("wrote %s", write_report(run))
 
 
@@ -133,17 +144,19 @@ DATA_FLAGS = {"model": "model", "task": "task", "seed": "seed", "source": "data.
 def cmd_data(args: argparse.Namespace) -> None:
     """Warm-up traces: scripted solvers, a local teacher, or an OpenAI-compatible API teacher."""
     from .config import DataRunConfig
-    from .data import make_traces
+    from .data import make_traces, require_traces
     from .evaluate import eval_examples
     from .runtime import set_threads
     from .tasks import parse_tasks
 
     cfg = load_command_config(DataRunConfig, args, DATA_FLAGS)
+    out = writable_file(Path(args.out), "--out")
     set_threads(cfg.threads)
     specs = parse_tasks(cfg.task)
     eval_q = [e.question for e in eval_examples(specs, cfg.eval, cfg.seed)]
-    stats = make_traces(cfg.data, specs, cfg.seed, Path(args.out), exclude_questions=eval_q, reward=cfg.reward,
+    stats = make_traces(cfg.data, specs, cfg.seed, out, exclude_questions=eval_q, reward=cfg.reward,
                         policy_model=cfg.model)
+    require_traces(stats)
     log.info("kept %s of %s traces (rejection rate %.1f%%) -> %s", stats.get("kept"), stats.get("requested"),
              100 * stats.get("rejection_rate", 0.0), args.out)
 
@@ -159,6 +172,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """Rollout and GRPO-step benchmark vs HF generate and TRL."""
     from .bench import main
 
+    if not args.child:
+        writable_file(Path(args.out), "--out")
     main(args)
 
 
@@ -191,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="smolthink", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="evaluate a model on held-out reasoning-gym questions")
@@ -237,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (loopback by default)")
     sv.add_argument("--model", default=None)
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=flag_type(int, "--port", ge=0, le=65535), default=8000)
     sv.set_defaults(func=cmd_serve)
 
     be = sub.add_parser("bench", help="benchmark rollouts and GRPO steps against HF generate and TRL",
@@ -260,20 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a subcommand; user errors print one line, Ctrl-C exits 130."""
+    """Entry point: run a subcommand -> its exit code. Every failure is one line on stderr (errors.run_reported:
+    a traceback only with --debug), Ctrl-C exits 130, a run stopped by a signal 128 + its number."""
     from .log import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        args.func(args)
-    except SmolthinkError as e:
-        print(f"smolthink: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("smolthink: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_reported(lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ class EvalConfig:
 class RewardConfig:
     """The reward: weighted parts, scored strictly by the task's own scorer in the sandbox."""
 
-    correct_weight: float = opt(0.85, "weight of strict correctness")
-    format_weight: float = opt(0.15, "weight of the think/answer format")
+    correct_weight: float = opt(0.85, "weight of strict correctness", ge=0)
+    format_weight: float = opt(0.15, "weight of the think/answer format", ge=0)
     strict: bool = opt(True, "strict correctness (False: the task scorer's partial credit)")
     length_penalty: float = opt(0.0, "overlong penalty coefficient (0: off)", ge=0)
     length_target: int = opt(200, "tokens after which the overlong penalty starts", ge=0)
@@ -300,6 +300,8 @@ def validate(cfg: Any) -> None:
     if isinstance(cfg, StageConfig):
         need(cfg.precision == "fp32" or (cfg.onednn_linears and cfg.use_lora),
              "precision=bf16 needs onednn_linears=true and use_lora=true (it runs the oneDNN LoRA layers in bf16)")
+    if isinstance(cfg, (EvalRunConfig, PipelineConfig)):  # their result is an eval: 0 questions give nothing
+        need(cfg.eval.n >= 1, f"bad value for eval.n: {cfg.eval.n} (expected value >= 1: 0 questions evaluate nothing)")
     if isinstance(cfg, GRPOConfig):
         need(cfg.buffer_size >= cfg.minibatch_size, "buffer_size must be >= minibatch_size")
         need(cfg.train_size >= cfg.prompts_per_rollout, "train_size must be >= prompts_per_rollout")

@@ -11,7 +11,7 @@ import re
 import types
 from dataclasses import field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Mapping, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -168,6 +168,36 @@ def coerce_value(name: str, value: Any, hint: Any, meta: Mapping[str, Any] | Non
             raise bad("a mapping")
         return dict(value)
     return value
+
+
+def flag_type(kind: type, flag: str, **allowed: Any) -> Callable[[str], Any]:
+    """An argparse `type=` for a flag that feeds no config (serve --port, the bench's numbers): the same type,
+    finiteness and range check as a config field (`allowed`: ge= / gt= / le= / lt= / choices=), which argparse
+    reports as one usage line."""
+    import argparse
+
+    def parse(text: str) -> Any:
+        try:
+            return coerce_value(flag, text, kind, allowed)
+        except SmolthinkError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def flag_list(flag: str, choices: Sequence[str]) -> Callable[[str], str]:
+    """An argparse `type=` for a comma-separated, non-empty subset of `choices` (bench --parts): the text as given,
+    checked item by item."""
+    import argparse
+
+    def parse(text: str) -> str:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items or any(t not in choices for t in items):
+            raise argparse.ArgumentTypeError(f"bad value for {flag}: {show_value(text)} (expected a comma-separated "
+                                             f"list of {' | '.join(choices)})")
+        return text
+
+    return parse
 
 
 def _number(value: Any, integer: bool) -> int | float | None:

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from .chat import SYSTEM_PROMPT, build_messages, format_ok
 from .config import DataConfig, RewardConfig
+from .configlib import show_value
 from .data_auto import (FORMAT_ONLY, check_yield, format_only_candidates, question_caps, shortfall, source_groups,
                         task_sources, task_yield, yield_lines)
 from .errors import SmolthinkError
@@ -163,6 +164,9 @@ def api_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, teac
         ident = json.dumps([teacher.base_url, teacher.model, body], ensure_ascii=False, sort_keys=True)
         requests.append({"key": hashlib.sha256(ident.encode()).hexdigest()[:40], **body})
     responses = teacher.complete_many(requests)
+    if not any(responses):  # every later round would ask the same server in vain
+        raise SmolthinkError(f"the API teacher at {teacher.url} answered none of {len(requests)} requests: "
+                             f"{teacher.last_error}")
     out: list[list[str | None]] = []
     usage = Counter()
     for resp in responses:
@@ -387,23 +391,56 @@ def make_traces(cfg: DataConfig, specs: Sequence[TaskSpec], seed: int, out_path:
     return stats
 
 
+def require_traces(stats: dict[str, Any]) -> None:
+    """Fail a data run that kept no trace (an empty file is no warm-up data): one line with the rejections by
+    reason."""
+    if stats["kept"]:
+        return
+    reasons = ", ".join(f"{r} {n}" for r, n in stats["rejected_by_reason"].items() if n) or "none generated"
+    raise SmolthinkError(f"kept 0 of {stats['requested']} traces for {stats['out']} ({stats['questions']} "
+                         f"questions, rejected as {reasons})")
+
+
+def _row_problem(row: Any) -> str | None:
+    """What is wrong with one traces row, or None: `messages` of mappings with string role and content, ending
+    with a user then an assistant turn; `question`, when present, a string."""
+    msgs = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(msgs, list) or len(msgs) < 2:
+        return "expected 'messages', a list of chat messages"
+    for m in msgs:
+        if not isinstance(m, dict):
+            return f"a message is {type(m).__name__}, not a mapping"
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                return f"a message's '{key}' is {show_value(m.get(key), 40)}, not a string"
+    if not isinstance(row.get("question"), (str, type(None))):
+        return f"'question' is {show_value(row['question'], 40)}, not a string"
+    if msgs[-1]["role"] != "assistant" or msgs[-2]["role"] != "user":
+        return "expected 'messages' ending with a user then an assistant turn"
+    return None
+
+
 def load_traces(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a traces JSONL (the format above; only `messages` is required, ending with the assistant turn)."""
+    """Read a traces JSONL (the format above; only `messages` is required: string role and content in every
+    message, ending with a user then an assistant turn); a bad row is one line naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise SmolthinkError(f"traces file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SmolthinkError(f"{path} is not UTF-8 text (expected JSONL traces)") from None
     rows = []
-    for k, line in enumerate(path.read_text().splitlines(), 1):
+    for k, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise SmolthinkError(f"{path}:{k}: not JSON ({e.msg})") from None
-        msgs = row.get("messages") if isinstance(row, dict) else None
-        if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs)
-                or msgs[-1].get("role") != "assistant" or msgs[-2].get("role") != "user"):
-            raise SmolthinkError(f"{path}:{k}: expected 'messages' ending with a user then an assistant turn")
+        problem = _row_problem(row)
+        if problem:
+            raise SmolthinkError(f"{path}:{k}: {problem}")
         rows.append(row)
     if not rows:
         raise SmolthinkError(f"no traces in {path}")

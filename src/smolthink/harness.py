@@ -7,8 +7,13 @@
   continue from (`open_run`), leftovers of killed writes, Ctrl-C / SIGTERM (finish the step, checkpoint, stop),
   the metrics writer, per-step logging with ETA, the stop after too many non-finite steps, periodic, interrupt and
   final checkpoints, the final eval and model, and DONE;
-* `clip_and_step`: clip, optimizer step unless the loss or gradient is NaN/inf, zero grads (the one grad-norm
-  line).
+* `clip_and_step`: sum the processes' gradients, clip, optimizer step unless the loss or gradient is NaN/inf, zero
+  grads (the one grad-norm line);
+* `save_step`: the loop's checkpoint, with every process's RNG.
+
+Under torchrun / `accelerate launch` every process runs the loop in lock-step (`parallel`); process 0 alone
+writes the run directory (config, metrics, evals, checkpoints, final model, DONE) and runs the evals, the others
+wait for it.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import MANIFEST, Checkpoint, newest_intact, step_dirs
+from . import parallel
+from .checkpoint import MANIFEST, Checkpoint, newest_intact, rng_state, save_checkpoint, step_dirs
 from .config import StageConfig
 from .configlib import config_yaml
 from .errors import SmolthinkError
@@ -84,7 +90,10 @@ def build_context(cls: type, cfg: StageConfig, run: RunDir, total_steps: int, mo
     specs = parse_tasks(cfg.task)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = make_optimizer(model, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # placed (and mixed precision applied) but not wrapped in DDP, whose reducer the log-prob path never calls:
+    # `clip_and_step` sums the processes' gradients instead (see `parallel`)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    optimizer = accelerator.prepare_optimizer(optimizer)
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, cfg.warmup_steps, total_steps)
     scorer = Scorer(timeout=cfg.reward.scorer_timeout)
     evaluator = make_evaluator(model, tok, specs, cfg.eval, cfg.reward, cfg.seed, scorer,
@@ -95,11 +104,13 @@ def build_context(cls: type, cfg: StageConfig, run: RunDir, total_steps: int, mo
 
 
 def clip_and_step(ctx: TrainContext, loss: float) -> dict[str, float]:
-    """Clip gradients (when max_grad_norm > 0), step the optimizer and the schedule, zero the gradients. A step
-    whose `loss` (the step's summed loss) or gradient norm is NaN or inf is skipped: weights, optimizer moments and
-    the schedule stay as they were, and only the gradients are dropped -> {"grad_norm": the pre-clip norm,
-    "train/skipped_nonfinite": 1.0 when skipped, else 0.0}."""
+    """Sum the gradients over the processes, clip them (when max_grad_norm > 0), step the optimizer and the
+    schedule, zero the gradients. A step whose `loss` (the step's summed loss, over every process) or gradient norm
+    is NaN or inf is skipped on every process: weights, optimizer moments and the schedule stay as they were, and
+    only the gradients are dropped -> {"grad_norm": the pre-clip norm, "train/skipped_nonfinite": 1.0 when skipped,
+    else 0.0}."""
     params = ctx.params
+    parallel.sum_gradients(params)
     if ctx.cfg.max_grad_norm > 0:
         norm = float(ctx.accelerator.clip_grad_norm_(params, ctx.cfg.max_grad_norm))
     else:
@@ -113,12 +124,24 @@ def clip_and_step(ctx: TrainContext, loss: float) -> dict[str, float]:
 
 
 def run_eval(ctx: TrainContext, step: int) -> dict[str, Any]:
-    """The held-out eval after `step` optimizer steps -> eval/step_XXXXXX.json (+ completions)."""
-    try:
-        return ctx.evaluator.run(ctx.model, ctx.run.eval(step), ctx.run.eval_completions(step),
-                                 {"step": step, "model": ctx.cfg.model or "embedded", "task": str(ctx.cfg.task)})
-    finally:
-        trim_heap()
+    """The held-out eval after `step` optimizer steps -> eval/step_XXXXXX.json (+ completions); run by process 0,
+    its summary handed to every process."""
+    def evaluate() -> dict[str, Any]:
+        try:
+            return ctx.evaluator.run(ctx.model, ctx.run.eval(step), ctx.run.eval_completions(step),
+                                     {"step": step, "model": ctx.cfg.model or "embedded", "task": str(ctx.cfg.task)})
+        finally:
+            trim_heap()
+    return parallel.from_main(evaluate)
+
+
+def save_step(ctx: TrainContext, step: int, counters: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Checkpoint the loop after `step` optimizer steps (`checkpoint.save_checkpoint`): every process's RNG state
+    gathered, process 0 writes -> the checkpoint's path, on every process."""
+    (rngs,) = parallel.gather_lists([rng_state()])
+    return parallel.from_main(lambda: save_checkpoint(ctx.run.checkpoints, step, ctx.model, ctx.optimizer,
+                                                      ctx.scheduler, counters, extra, keep=ctx.cfg.keep_checkpoints,
+                                                      rng_states=rngs))
 
 
 @dataclass
@@ -139,35 +162,38 @@ class TrainingRun:
 
     @property
     def stopping(self) -> bool:
-        """True once a stop signal arrived."""
-        return self.stop_signal is not None
+        """True once a stop signal arrived, on any process (a collective: every process reads it at the same
+        points, the loop's condition and `finish`, so all of them stop after the same step)."""
+        return parallel.any_process(self.stop_signal is not None)
 
     def start(self, ctx: TrainContext, step: int, save: Callable[[], Path], config: Any = None) -> None:
         """Begin (or continue at `step`): write config.yaml on a fresh run, open metrics.jsonl (dropping lines past
         a resumed checkpoint), evaluate before the first step when configured."""
         self.ctx, self.save = ctx, save
-        if self.resume_from is None:
-            atomic_write(self.run.config, config_yaml(config if config is not None else ctx.cfg))
-        self.metrics = MetricsWriter(self.run.metrics,
-                                     truncate_after_step=step if self.resume_from is not None else None)
+        if parallel.is_main():
+            if self.resume_from is None:
+                atomic_write(self.run.config, config_yaml(config if config is not None else ctx.cfg))
+            self.metrics = MetricsWriter(self.run.metrics,
+                                         truncate_after_step=step if self.resume_from is not None else None)
         if self.resume_from is None and ctx.cfg.eval.n > 0 and ctx.cfg.eval.at_start:
             run_eval(ctx, 0)
         self.t_start = self.t_step = time.time()
 
     def end_step(self, step: int, total: int, metrics: dict[str, Any], line: Callable[..., str]) -> None:
         """After optimizer step `step` of `total`: add memory and step time, evaluate when due, write the metrics
-        row, print the console line with its ETA every log_every steps, stop after max_nonfinite_steps skipped steps
-        in a row (SmolthinkError), checkpoint when due."""
+        row and print the console line with its ETA every log_every steps (process 0), stop after
+        max_nonfinite_steps skipped steps in a row (SmolthinkError), checkpoint when due."""
         cfg = self.ctx.cfg
         trim_heap()  # activations and merged weights are gone: hand their pages back
         metrics.update({"perf/peak_rss_gb": peak_rss_gb(), "perf/step_s": time.time() - self.t_step})
         if cfg.eval.every and step % cfg.eval.every == 0 and step < total and cfg.eval.n:
             metrics.update(eval_metrics(run_eval(self.ctx, step)))
-        self.metrics.write(step, metrics)
         self.steps_timed += 1
         eta = (time.time() - self.t_start) / self.steps_timed * (total - step)
-        if step % cfg.log_every == 0 or step == total or step == 1:
-            console.print(line(step, total, metrics, metrics["perf/step_s"], eta), soft_wrap=True, markup=False)
+        if self.metrics is not None:  # process 0
+            self.metrics.write(step, metrics)
+            if step % cfg.log_every == 0 or step == total or step == 1:
+                console.print(line(step, total, metrics, metrics["perf/step_s"], eta), soft_wrap=True, markup=False)
         self.check_nonfinite(step, metrics["train/skipped_nonfinite"])
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             self.save()
@@ -200,13 +226,18 @@ class TrainingRun:
         ctx, final = self.ctx, {}
         if ctx.cfg.eval.n > 0:
             final = run_eval(ctx, step)
-            console.print(eval_table(final, f"{title} (step {step})"))
+            if parallel.is_main():
+                console.print(eval_table(final, f"{title} (step {step})"))
+        parallel.from_main(lambda: self.write_final(step))
+        return final
+
+    def write_final(self, step: int) -> None:
+        """The final model (peft adapter + merged) and DONE."""
         from .models import save_final
 
-        save_final(ctx.accelerator.unwrap_model(ctx.model), ctx.tok, self.run.final)
+        save_final(self.ctx.accelerator.unwrap_model(self.ctx.model), self.ctx.tok, self.run.final)
         log.info("final model: %s/merged (transformers) and %s/adapter (peft)", self.run.final, self.run.final)
         self.run.mark_done(time.time() - self.t_start, steps=step)
-        return final
 
 
 def _stop_handler(tr: TrainingRun):
@@ -229,7 +260,8 @@ def open_run(run: RunDir, resume: bool) -> Checkpoint | None:
     * resume (of an existing directory): continue from the newest intact checkpoint, deleting newer damaged ones
       (each logged with the reason); with none intact, refuse when damaged checkpoints or DONE are there, else
       clear it and start from step 0.
-    Leftovers of killed writes and unfinished step directories (no manifest) are deleted once it is decided."""
+    Leftovers of killed writes and unfinished step directories (no manifest) are deleted once it is decided (by
+    process 0, once every process has read the directory)."""
     if resume and not run.root.is_dir():
         raise SmolthinkError(f"nothing to resume: {run.root} does not exist")
     ckpt, damaged = newest_intact(run.checkpoints)
@@ -241,6 +273,16 @@ def open_run(run: RunDir, resume: bool) -> Checkpoint | None:
         reasons = "; ".join(f"{p.name}: {why}" for p, why in damaged)
         raise SmolthinkError(f"no intact checkpoint to resume in {run.root} ({reasons}); start it again with "
                              f"--out {run.root}")
+    parallel.barrier()
+    if parallel.is_main():
+        tidy_run(run, ckpt, damaged)
+    parallel.barrier()
+    return ckpt
+
+
+def tidy_run(run: RunDir, ckpt: Checkpoint | None, damaged: list[tuple[Path, str]]) -> None:
+    """`open_run`'s decision carried out: leftovers of killed writes and unfinished checkpoints deleted; a run
+    resumed from `ckpt` loses the damaged checkpoints newer than it; without one, a started directory is cleared."""
     for parent in (run.root, run.checkpoints):
         remove_leftovers(parent)
     for d in step_dirs(run.checkpoints):
@@ -254,10 +296,9 @@ def open_run(run: RunDir, resume: bool) -> Checkpoint | None:
             log.warning("%s holds no intact checkpoint yet: starting the run again from step 0", run.root)
             run.clear()
         run.root.mkdir(parents=True, exist_ok=True)
-        return None
+        return
     for path, _ in damaged:  # newer than the one resumed from: the resumed run writes those steps again
         discard(path)
-    return ckpt
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -269,15 +310,18 @@ def holds_run(run_dir: Path) -> bool:
 @contextlib.contextmanager
 def training_run(out_dir: Path, resume: bool) -> Iterator[TrainingRun]:
     """Own one training run's directory: pick the checkpoint to continue from and tidy the directory
-    (`open_run`), install the stop handlers, and on the way out save a checkpoint on an abort (second Ctrl-C),
-    restore the handlers and close the metrics and the scorer."""
+    (`open_run`), install the stop handlers, and on the way out save a checkpoint on an abort (second Ctrl-C; on
+    one process only, as processes interrupted at different points cannot meet to checkpoint), restore the
+    handlers and close the metrics and the scorer. Processes other than 0 log warnings and errors only."""
+    if not parallel.is_main():
+        logging.getLogger("smolthink").setLevel(logging.WARNING)
     run = RunDir(Path(out_dir))
     tr = TrainingRun(run, open_run(run, resume))
     previous = {sig: signal.signal(sig, _stop_handler(tr)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield tr
     except KeyboardInterrupt:
-        if tr.save is not None:
+        if tr.save is not None and parallel.world() == 1:
             tr.ctx.optimizer.zero_grad(set_to_none=True)
             path = tr.save()
             log.warning("interrupted: checkpoint saved to %s; continue with --resume %s", path, run.root)

@@ -6,12 +6,13 @@ import hashlib
 import importlib.util
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import SmolthinkError
+from .errors import SmolthinkError, first_line
 from .rundir import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,12 @@ def cached_gguf_dir(gguf: Path) -> Path:
     out = cache_root() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
     if not (out / "config.json").is_file():
         log.info("converting %s to safetensors (once) -> %s", gguf.name, out)
-        convert_gguf(gguf, out)
+        try:
+            convert_gguf(gguf, out)
+        # how the GGUF reader meets an empty, truncated or foreign file
+        except (ValueError, KeyError, IndexError, OverflowError, struct.error) as e:
+            raise SmolthinkError(f"cannot read GGUF file {gguf}: {first_line(e)} (empty, truncated, damaged or "
+                                 "not a GGUF model)") from None
     return out
 
 
@@ -107,6 +113,7 @@ def resolve_model(spec: str | None) -> str:
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None):
     """Load (model, tokenizer) from a hub id, local dir (a full model or a peft adapter dir), GGUF file or the
     embedded default. Errors become one SmolthinkError line."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
@@ -122,12 +129,8 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
         else:
             tok = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as e:  # offline hub id, missing files, no access
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SmolthinkError(
-            f"could not load model '{spec}': {first[:200]} (offline? use a local directory, a .gguf file, "
-            "or the embedded default)"
-        ) from None
+    except (OSError, ValueError, SafetensorError) as e:  # offline hub id, missing, damaged or foreign files
+        raise SmolthinkError(f"could not load model '{spec}': {load_failure(source, e)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     device = device or ("cuda" if torch.cuda.is_available() else None)  # the GPU when there is one
@@ -135,6 +138,22 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
         model.to(device)
     model.config.use_cache = True
     return model, tok
+
+
+def load_failure(source: str, e: Exception) -> str:
+    """Why from_pretrained failed, in one line: the damaged safetensors file by name (safetensors' own error does
+    not say which), a local model's error, or a hub id's error with what to try instead."""
+    from safetensors import SafetensorError, safe_open
+
+    if isinstance(e, SafetensorError):
+        for f in sorted(Path(source).glob("*.safetensors")):
+            try:
+                safe_open(f, "pt")
+            except SafetensorError as bad:
+                return f"weights file {f} is damaged or truncated ({first_line(bad)})"
+    if Path(source).is_dir():
+        return first_line(e)
+    return f"{first_line(e)} (offline? use a local directory, a .gguf file, or the embedded default)"
 
 
 def eos_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
@@ -152,9 +171,25 @@ def eos_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def linear_names(model) -> list[str]:
+    """Full names of the layers a LoRA adapter can wrap: the linear layers (GPT-2 style models write theirs as
+    transformers' Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
 def attach_lora(model, r: int = 32, alpha: int = 64, dropout: float = 0.0, targets=LORA_TARGETS):
-    """Wrap `model` with a fresh LoRA adapter (peft) on the given projections; only adapter weights train."""
+    """Wrap `model` with a fresh LoRA adapter (peft) on the given projections; only adapter weights train. Every
+    target must name linear layers of the model (peft would skip a misspelt one with only a warning)."""
     from peft import LoraConfig, get_peft_model
+
+    names = linear_names(model)
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown or not targets:
+        valid = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise SmolthinkError(f"unknown LoRA target module(s) {', '.join(map(repr, unknown)) or '(none given)'} in "
+                             f"lora_target_modules (this model's linear layers: {', '.join(valid)})")
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                      bias="none", task_type="CAUSAL_LM")

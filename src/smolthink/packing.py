@@ -9,7 +9,7 @@ which chunk an item lands in never changes the step's gradient."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor
@@ -96,10 +96,10 @@ def make_packing(share_prompts: bool, max_tokens: int, pad_id: int) -> Packing:
 
 @torch.no_grad()
 def fill_old_logprobs(model, buffer: ExperienceBuffer, packing: Packing, temperature: float, per_forward: int,
-                      device) -> None:
-    """Set `old_logp` of every buffer item with the training numerics (the same chunks, function, temperature
-    and masks), in length-sorted groups of `per_forward` items."""
-    order = sorted(range(len(buffer)), key=buffer.seq_len)
+                      device, indices: Sequence[int] | None = None) -> None:
+    """Set `old_logp` of the buffer items at `indices` (default: every item) with the training numerics (the same
+    chunks, function, temperature and masks), in length-sorted groups of `per_forward` items."""
+    order = sorted(range(len(buffer)) if indices is None else indices, key=buffer.seq_len)
     for idx in packing.chunks(buffer, [order[s : s + per_forward] for s in range(0, len(order), per_forward)]):
         batch = packing.collate(buffer, idx, device)
         logp, _ = packing.logprobs(model, batch, temperature)

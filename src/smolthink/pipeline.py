@@ -1,7 +1,8 @@
 """`smolthink pipeline`: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> transfer -> SFT-only
 control -> pass@k -> report, in one run directory (`rundir.PipelineDir`). Each stage writes <stage>/DONE last; a
 rerun skips finished stages and resumes an interrupted one; a stage turned off (`sft_control: false`,
-`passk.enabled: false`, `transfer.tasks: []`) is skipped without a DONE.
+`passk.enabled: false`, `transfer.tasks: []`) is skipped without a DONE. A training stage that Ctrl-C / SIGTERM
+stopped ends the pipeline as `errors.Stopped`.
 
 The control answers "is the RL worth its time?": SFT-only, continued from the SFT stage's final model (merged, with
 a fresh LoRA adapter: the same start and parameterisation GRPO gets) over the same traces (more epochs, not more
@@ -19,17 +20,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import GRPOConfig, PipelineConfig, SFTConfig, control_config, stage_config
-from .errors import SmolthinkError
 from .configlib import config_yaml
+from .errors import SmolthinkError, Stopped
 from .log import console, eval_table, fmt_duration
-from .rundir import PIPELINE_STAGES, PipelineDir, atomic_write, write_json
+from .rundir import PIPELINE_STAGES, PipelineDir, atomic_write, writable_dir, write_json
 from .transfer import run_transfer
 
 log = logging.getLogger(__name__)
 
 
-class StageStopped(Exception):
-    """A training stage stopped early on Ctrl-C / SIGTERM after saving a checkpoint: not DONE."""
+def stopped(stage: str, pipe: PipelineDir) -> Stopped:
+    """The error that ends the pipeline when Ctrl-C / SIGTERM stopped a training stage early, after its checkpoint
+    (the stage is not DONE: a rerun resumes it)."""
+    return Stopped(f"the {stage} stage stopped before its end (checkpoint saved); rerun "
+                   f"`smolthink pipeline --out {pipe.root}` to continue")
 
 
 def eval_questions(cfg: PipelineConfig) -> list[str]:
@@ -60,11 +64,12 @@ def base_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
 
 def make_data(cfg: PipelineConfig, pipe: PipelineDir) -> None:
     """Warm-up traces from train questions (never eval questions)."""
-    from .data import make_traces
+    from .data import make_traces, require_traces
     from .tasks import parse_tasks
 
-    make_traces(cfg.data, parse_tasks(cfg.task), cfg.seed, pipe.traces, exclude_questions=eval_questions(cfg),
-                reward=cfg.reward, policy_model=cfg.model, stats_path=pipe.data_stats)
+    require_traces(make_traces(cfg.data, parse_tasks(cfg.task), cfg.seed, pipe.traces,
+                               exclude_questions=eval_questions(cfg), reward=cfg.reward, policy_model=cfg.model,
+                               stats_path=pipe.data_stats))
 
 
 def run_sft(cfg: PipelineConfig, pipe: PipelineDir) -> None:
@@ -74,7 +79,7 @@ def run_sft(cfg: PipelineConfig, pipe: PipelineDir) -> None:
     sft_cfg = stage_config(cfg, SFTConfig, **{"eval.at_start": False, "data.path": str(pipe.traces)})
     out = pipe.stage("sft")
     if train_sft(sft_cfg, out, resume=_resumable(out)) is None:
-        raise StageStopped("sft")
+        raise stopped("sft", pipe)
 
 
 def run_grpo(cfg: PipelineConfig, pipe: PipelineDir) -> None:
@@ -85,7 +90,7 @@ def run_grpo(cfg: PipelineConfig, pipe: PipelineDir) -> None:
                                                 "model": str(pipe.run("sft").final_merged)})
     out = pipe.stage("grpo")
     if train(grpo_cfg, out, resume=_resumable(out)) is None:
-        raise StageStopped("grpo")
+        raise stopped("grpo", pipe)
 
 
 def final_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
@@ -115,7 +120,7 @@ def run_sft_control(cfg: PipelineConfig, pipe: PipelineDir) -> None:
     log.info("sft_control: SFT from %s for %s (the grpo stage's wall time)", start, fmt_duration(budget))
     out = pipe.stage("sft_control")
     if train_sft(ctl_cfg, out, resume=_resumable(out)) is None:
-        raise StageStopped("sft_control")
+        raise stopped("sft_control", pipe)
 
 
 def passk_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
@@ -173,11 +178,10 @@ RUNNERS: dict[str, Callable[[PipelineConfig, PipelineDir], None]] = {
 
 
 def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
-    """Run every unfinished stage in order -> {stage: seconds}."""
+    """Run every unfinished stage in order -> {stage: seconds}; raises Stopped when a signal stopped a stage."""
     from .runtime import set_threads, trim_heap
 
-    pipe = PipelineDir(run)
-    pipe.root.mkdir(parents=True, exist_ok=True)
+    pipe = PipelineDir(writable_dir(run, "run directory"))
     atomic_write(pipe.config, config_yaml(cfg))
     set_threads(cfg.threads)
     timings = {}
@@ -192,12 +196,7 @@ def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
         log.info("[%d/%d] %s ... (pipeline elapsed %s)", i, len(PIPELINE_STAGES), stage,
                  fmt_duration(time.time() - t_all))
         t0 = time.time()
-        try:
-            RUNNERS[stage](cfg, pipe)
-        except StageStopped:
-            log.warning("stage %s stopped before the end (checkpoint saved); rerun `smolthink pipeline --out %s` to "
-                        "continue", stage, run)
-            return timings
+        RUNNERS[stage](cfg, pipe)
         timings[stage] = time.time() - t0
         gc.collect()  # the stage's model, optimizer and engine caches, before the next stage loads its own
         trim_heap()

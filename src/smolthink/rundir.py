@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .errors import SmolthinkError
+
 STEP_FILE = re.compile(r"^step_(\d{6,})\.json$")
 STEP_SAMPLES = re.compile(r"^step_(\d{6,})\.jsonl$")
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -46,6 +48,30 @@ def _steps(directory: Path, pattern: re.Pattern) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------- atomic writes
+
+
+def writable_dir(path: Path, what: str = "output directory") -> Path:
+    """Create directory `path` (with its parents) and check that a file can be written in it -> path. Checked
+    where a command starts, so a file in the way, a read-only disk or a missing permission is one line naming
+    the path, before any work rather than when the first result is written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SmolthinkError(f"{what} {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise SmolthinkError(f"cannot write to {what} {path}: {e.strerror or e}") from None
+    return path
+
+
+def writable_file(path: Path, what: str = "output file") -> Path:
+    """Check a file a command writes at its end, before it starts: not a directory, its directory writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise SmolthinkError(f"{what} {path} is a directory, not a file")
+    writable_dir(path.parent, f"the directory of {what}")
+    return path
 
 
 def fsync_dir(path: Path) -> None:
@@ -248,6 +274,10 @@ class RunDir:
     def done(self) -> dict[str, Any] | None:
         """The DONE record, or None while unfinished."""
         return read_done(self.root)
+
+    def is_run(self) -> bool:
+        """True when root looks like a stage run (its config, metrics or evals exist)."""
+        return self.config.is_file() or self.metrics.is_file() or self.eval_dir.is_dir()
 
     def mark_done(self, seconds: float, steps: int | None = None) -> Path:
         """Mark the run finished (written last)."""

@@ -61,10 +61,24 @@ def parse_tasks(value: str | Sequence[Any]) -> list[TaskSpec]:
             close = difflib.get_close_matches(spec.name, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else " (see `smolthink tasks`)"
             raise SmolthinkError(f"unknown task '{spec.name}'{hint}")
+        check_config(spec)
         specs.append(spec)
     if not specs:
         raise SmolthinkError("no task given")
     return specs
+
+
+def check_config(spec: TaskSpec) -> None:
+    """Build and validate the task's reasoning-gym config now (microseconds), so a bad or missing generator
+    setting fails at start-up rather than when the first questions are drawn, after a model has loaded."""
+    from reasoning_gym.factory import DATASETS
+
+    try:
+        config = DATASETS[spec.name][1](**spec.config)
+        if hasattr(config, "validate"):
+            config.validate()
+    except (TypeError, ValueError, AssertionError) as e:
+        raise config_error(spec, e) from None
 
 
 def _weight(name: str, value: Any) -> float:
@@ -98,9 +112,14 @@ def _generate(spec: TaskSpec, seed: int, size: int) -> list[dict]:
     try:
         ds = rg.create_dataset(spec.name, seed=seed, size=size, **spec.config)
     except (TypeError, ValueError, AssertionError) as e:
-        given = f"config {spec.config}" if spec.config else "no settings given"
-        raise SmolthinkError(f"bad config for task '{spec.name}': {e} ({given}); {settings_hint(spec.name)}") from None
+        raise config_error(spec, e) from None
     return [ds[i] for i in range(size)]
+
+
+def config_error(spec: TaskSpec, e: Exception) -> SmolthinkError:
+    """The one-line error for generator settings reasoning-gym refused: what was given and what it takes."""
+    given = f"config {spec.config}" if spec.config else "no settings given"
+    return SmolthinkError(f"bad config for task '{spec.name}': {e} ({given}); {settings_hint(spec.name)}")
 
 
 def settings_hint(name: str) -> str:

@@ -6,6 +6,8 @@ Standard library only (urllib + a thread pool). What it adds over a plain loop o
 * retries with exponential backoff and jitter on 408/409/425/429, 5xx, timeouts, connection errors and malformed
   200 answers, honouring `Retry-After` / `retry-after-ms`; other 4xx are permanent (logged, result None), and
   401/403/404 (bad key, wrong URL or model) stop the remaining requests of the batch instead of repeating them;
+  a refused connection (nothing listens there: a wrong URL or a server that is down) gets at most
+  REFUSED_RETRIES retries, so a dead address fails in seconds rather than after minutes of backoff;
 * a resumable on-disk cache, one JSON file per request key, written atomically (temp file, fsync, rename), so
   a rerun after a crash or Ctrl-C never pays twice for a finished request; failures are not cached;
 * counters in `teacher.stats`: requests (HTTP attempts), retries, cache_hits, completed, failed, aborted,
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({408, 409, 425, 429})
 FATAL_STATUS = frozenset({401, 403, 404})  # every later request would fail the same way
+REFUSED_RETRIES = 2
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}")
 _STALE_TMP_S = 3600.0
 
@@ -45,9 +48,10 @@ _STALE_TMP_S = 3600.0
 class _Retryable(Exception):
     """A failed attempt worth retrying; `retry_after` is the server's requested wait in seconds, if any."""
 
-    def __init__(self, reason: str, retry_after: float | None = None):
+    def __init__(self, reason: str, retry_after: float | None = None, refused: bool = False):
         super().__init__(reason)
         self.retry_after = retry_after
+        self.refused = refused  # the connection was refused
 
 
 class _Permanent(Exception):
@@ -140,6 +144,7 @@ class APITeacher:
         self._lock = threading.Lock()
         self._stop = threading.Event()  # set by Ctrl-C or a fatal error: workers stop retrying / starting
         self._fatal: str | None = None
+        self.last_error: str | None = None  # why the last failed request failed
         self.stats: dict[str, Any] = {
             "requests": 0, "retries": 0, "cache_hits": 0, "completed": 0, "failed": 0, "aborted": 0,
             "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "errors": {},
@@ -215,7 +220,7 @@ class APITeacher:
                 resp = self._post(data)
             except _Retryable as e:
                 last = str(e)
-                if attempt == self.max_retries:
+                if attempt >= (min(self.max_retries, REFUSED_RETRIES) if e.refused else self.max_retries):
                     break
                 delay = self._delay(attempt, e.retry_after)
                 log.debug("teacher: %s: %s; retry %d/%d in %.2fs", key, last, attempt + 1, self.max_retries,
@@ -226,6 +231,7 @@ class APITeacher:
                 continue
             except _Permanent as e:
                 self._count(failed=1)
+                self.last_error = f"HTTP {e.status}: {e}"
                 if e.status in FATAL_STATUS:
                     with self._lock:
                         first = self._fatal is None
@@ -241,7 +247,8 @@ class APITeacher:
             self._cache_put(key, body, resp)
             return resp
         self._count(failed=1)
-        log.warning("teacher: request %s failed after %d attempts: %s", key, self.max_retries + 1, last)
+        self.last_error = last
+        log.warning("teacher: request %s failed after %d attempts: %s", key, attempt + 1, last)
         return None
 
     def _post(self, data: bytes) -> dict[str, Any]:
@@ -268,7 +275,8 @@ class APITeacher:
             raise _Permanent(e.code, reason) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timeout
             self._count_error(type(e).__name__)
-            raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', None) or e}") from None
+            refused = isinstance(getattr(e, "reason", e), ConnectionRefusedError)
+            raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', None) or e}", refused=refused) from None
         try:
             resp = json.loads(raw)
         except ValueError:

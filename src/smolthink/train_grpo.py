@@ -1,7 +1,11 @@
 """The GRPO loop (`smolthink train`): collect experience (G samples per question, strict rewards, group
 advantages) into an unpadded buffer, then train on random minibatches with the clipped PPO surrogate and
 gradient accumulation; eval, samples, atomic checkpoints and exact resume (through `harness.training_run`).
-Reads as named phases."""
+Reads as named phases.
+
+Across N processes (`parallel`): every process draws the same rollout batch and generates and scores its slice
+of the questions (sampling seeded per process); the batch's results are gathered to every process, which then
+holds the same buffer, question source and plan, and trains on its rows of each optimizer step."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,11 +19,13 @@ from typing import Any
 import torch
 
 from .buffer import Experience, ExperienceBuffer
-from .checkpoint import restore_checkpoint, save_checkpoint
+from . import parallel
+from .checkpoint import restore_checkpoint
 from .config import GRPOConfig
+from .errors import SmolthinkError
 from .grpo import group_advantages, policy_loss, zero_std_groups
 from .groups import GroupResult, group_metrics, group_results
-from .harness import TrainContext, TrainingRun, build_context, clip_and_step, start_process, training_run
+from .harness import TrainContext, TrainingRun, build_context, clip_and_step, save_step, start_process, training_run
 from .log import step_line
 from .packing import Packing, fill_old_logprobs, make_packing
 from .questions import QuestionSource, make_source
@@ -89,19 +95,22 @@ def derived_numbers(cfg: GRPOConfig) -> dict[str, Any]:
 
 
 def rollout_batch(ctx: GRPOContext, examples: list[Example], index: int) -> tuple:
-    """Generate G completions per question and score them -> (rollouts [P][G], texts [P*G], reward parts [P*G],
-    advantages [P, G], zero-std flags [P])."""
+    """Generate G completions per question and score them (each process its slice of the questions, gathered to
+    every process) -> (rollouts [P][G], texts [P*G], reward parts [P*G], advantages [P, G], zero-std flags [P])."""
     cfg: GRPOConfig = ctx.cfg
+    mine = parallel.share(examples)  # P_r questions: every group and its advantages on one process
     sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
-    rollouts = ctx.engine.generate(ctx.model, render_prompts(ctx.tok, examples), cfg.num_generations, sampling,
-                                   seed=derive_seed(cfg.seed, "rollout", index))  # [P][G]
+    rollouts = ctx.engine.generate(ctx.model, render_prompts(ctx.tok, mine), cfg.num_generations, sampling,
+                                   seed=parallel.process_seed(derive_seed(cfg.seed, "rollout", index)))  # [P_r][G]
     flat = [r for row in rollouts for r in row]
     texts = [ctx.tok.decode(r.completion_ids, skip_special_tokens=True) for r in flat]
-    parts = score_completions(texts, [ex for ex in examples for _ in range(cfg.num_generations)],
+    parts = score_completions(texts, [ex for ex in mine for _ in range(cfg.num_generations)],
                               [len(r.completion_ids) for r in flat], ctx.scorer, ctx.specs,
                               cfg.reward, cfg.max_completion_length, ctx.evaluator.prefill, ctx.user_fns)
-    rewards = torch.tensor([p.total for p in parts], dtype=torch.float32).view(len(examples), -1)  # [P, G]
-    return rollouts, texts, parts, group_advantages(rewards, cfg.scale_rewards), zero_std_groups(rewards)
+    rewards = torch.tensor([p.total for p in parts], dtype=torch.float32).view(len(mine), -1)  # [P_r, G]
+    rollouts, texts, parts, adv, zero = parallel.gather_lists(rollouts, texts, parts, [group_advantages(
+        rewards, cfg.scale_rewards)], [zero_std_groups(rewards)])
+    return rollouts, texts, parts, torch.cat(adv), torch.cat(zero)  # [P][G], [P*G], [P*G], [P, G], [P]
 
 
 def collect_experience(ctx: GRPOContext, state: LoopState) -> Fill:
@@ -203,11 +212,21 @@ def fill_buffer(ctx: GRPOContext, state: LoopState, buffer: ExperienceBuffer, on
     state.fills += 1
     if not on_policy:
         t0 = time.time()
-        with ctx.onednn.active():
-            fill_old_logprobs(ctx.model, buffer, ctx.packing, ctx.cfg.temperature, ctx.cfg.minibatch_size,
-                              ctx.device)
+        old_logprobs(ctx, buffer)
         state.fill_stats["perf/old_logp_s"] = time.time() - t0
     return state.fill_stats["perf/rollout_s"]
+
+
+def old_logprobs(ctx: GRPOContext, buffer: ExperienceBuffer) -> None:
+    """Every buffer item's old log-probs, with the training numerics: each process computes its slice of the
+    buffer, then the slices are gathered to every process."""
+    mine = parallel.share(range(len(buffer)))
+    with ctx.onednn.active():
+        fill_old_logprobs(ctx.model, buffer, ctx.packing, ctx.cfg.temperature, ctx.cfg.minibatch_size, ctx.device,
+                          indices=mine)
+    (pairs,) = parallel.gather_lists([(i, buffer.items[i].old_logp) for i in mine])
+    for i, old in pairs:
+        buffer.items[i].old_logp = old
 
 
 def chunk_backward(ctx: GRPOContext, batch, n_seqs: int, n_tok: int) -> tuple[float, dict[str, Any]]:
@@ -229,20 +248,16 @@ def chunk_backward(ctx: GRPOContext, batch, n_seqs: int, n_tok: int) -> tuple[fl
 
 def accumulate(totals: dict[str, float], loss: float, stats: dict[str, Any], weight: float) -> None:
     """Fold one chunk's loss and stats into the step's: sums, token-weighted means, mins and maxes."""
-    totals["loss/total"] = totals.get("loss/total", 0.0) + loss
+    parallel.fold(totals, "loss/total", loss)
     for k, v in stats.items():
-        if k.endswith("/min"):
-            totals[k] = min(totals.get(k, float("inf")), float(v))
-        elif k.endswith("/max"):
-            totals[k] = max(totals.get(k, float("-inf")), float(v))
-        else:
-            totals[k] = totals.get(k, 0.0) + float(v) * weight
+        parallel.fold(totals, k, float(v), weight)
 
 
 def optimizer_step(ctx: GRPOContext, buffer: ExperienceBuffer, minibatches: list[list[int]]) -> dict[str, float]:
-    """One optimizer step over gradient_accumulation minibatches, each split into chunks of at most
-    max_tokens_per_forward tokens; normalisers are the whole step's, so the accumulated gradient equals the
-    big-batch gradient. A NaN/inf loss or gradient skips the update (`harness.clip_and_step`)."""
+    """One optimizer step over gradient_accumulation minibatches (this process's rows of them), each split into
+    chunks of at most max_tokens_per_forward tokens; normalisers are the whole step's, so the accumulated gradient,
+    summed over the processes, equals the big-batch gradient, and the loss and stats are the whole step's. A NaN/inf
+    loss or gradient skips the update (`harness.clip_and_step`)."""
     t0 = time.time()
     items = [i for mb in minibatches for i in mb]
     n_seqs = len(items)
@@ -250,18 +265,20 @@ def optimizer_step(ctx: GRPOContext, buffer: ExperienceBuffer, minibatches: list
     totals: dict[str, float] = {}
     tokens_run = 0
     with ctx.onednn.active():  # forward and backward (checkpointed head chunks recompute in backward)
-        for idx in ctx.packing.chunks(buffer, minibatches):
+        for idx in ctx.packing.chunks(buffer, parallel.rows(minibatches)):
             batch = ctx.packing.collate(buffer, idx, ctx.device)
             loss, stats = chunk_backward(ctx, batch, n_seqs, n_tok)
             accumulate(totals, loss, stats, batch.completion_mask.sum().item() / max(n_tok, 1))
             tokens_run += ctx.packing.computed_tokens(batch)
+    totals["perf/train_computed_tok_s"] = float(tokens_run)  # a token count (summed over processes) until / seconds
+    totals = parallel.merge(totals)
     lr = ctx.scheduler.get_last_lr()[0]
     totals.update(clip_and_step(ctx, totals["loss/total"]))
     seconds = time.time() - t0
     seq_tokens = sum(buffer.seq_len(i) for i in items)
     totals.update({"lr": lr, "perf/train_s": seconds,
                    "perf/train_tok_s": seq_tokens / max(seconds, 1e-9),
-                   "perf/train_computed_tok_s": tokens_run / max(seconds, 1e-9),
+                   "perf/train_computed_tok_s": totals["perf/train_computed_tok_s"] / max(seconds, 1e-9),
                    "train/sequences": float(n_seqs)})
     return totals
 
@@ -289,6 +306,9 @@ def setup(cfg: GRPOConfig, run) -> GRPOContext:
     """Build everything a run needs: the question source, policy, engine, scorer, optimizer, scheduler,
     evaluator."""
     start_process(cfg)
+    if cfg.prompts_per_rollout < parallel.world():
+        raise SmolthinkError(f"prompts_per_rollout ({cfg.prompts_per_rollout}) must be at least the number of "
+                             f"processes ({parallel.world()}): each generates a share of every rollout batch")
     specs = parse_tasks(cfg.task)
     train, eval_set = train_eval_split(specs, cfg.train_size, cfg.eval.n, cfg.seed, balanced_eval=cfg.eval.balanced)
     source = make_source(cfg, specs, train, (e.question for e in eval_set))
@@ -306,20 +326,28 @@ def save(ctx: GRPOContext, state: LoopState, buffer: ExperienceBuffer) -> Path:
     state.buffer = buffer.state_dict()
     counters = {k: getattr(state, k) for k in ("rollouts", "fills")}
     extra = {k: getattr(state, k) for k in ("plan", "fill_stats", "buffer", "samples", "groups", "source")}
-    return save_checkpoint(ctx.run.checkpoints, state.step, ctx.model, ctx.optimizer, ctx.scheduler, counters,
-                           extra, keep=ctx.cfg.keep_checkpoints)
+    return save_step(ctx, state.step, counters, extra)
 
 
 def restore(ctx: GRPOContext, tr: TrainingRun, buffer: ExperienceBuffer) -> LoopState:
     """A fresh loop state, or the checkpoint's (weights, optimizer, RNG, buffer and question source restored)."""
     if tr.resume_from is None:
         return LoopState(source=ctx.source.state_dict())
-    counters, extra = restore_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
+    counters, extra = restore_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler, parallel.rank(),
+                                         parallel.world())
     state = LoopState(step=counters["step"], rollouts=counters["rollouts"], fills=counters["fills"], **extra)
     buffer.load_state_dict(state.buffer)
     ctx.source.load_state_dict(state.source)
     log.info("resumed from %s (step %d)", tr.resume_from.path, state.step)
     return state
+
+
+def write_fill(tr: TrainingRun, cfg: GRPOConfig, state: LoopState, rollout_s: float) -> None:
+    """After the first step of a fill: its groups file, and its samples when due."""
+    if cfg.sample_every and (state.step % cfg.sample_every == 0 or state.step == 1) and rollout_s:
+        write_jsonl(tr.run.samples(state.step), [{"step": state.step, **s} for s in state.samples])
+    if rollout_s:
+        write_jsonl(tr.run.groups(state.step), state.groups)
 
 
 def describe(cfg: GRPOConfig, d: dict[str, Any]) -> None:
@@ -355,11 +383,9 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
             m = optimizer_step(ctx, buffer, state.plan[0])
             state.plan.pop(0)
             state.step += 1
-            # ---- 5. samples, groups, log, eval, checkpoint ----
-            if cfg.sample_every and (state.step % cfg.sample_every == 0 or state.step == 1) and rollout_s:
-                write_jsonl(tr.run.samples(state.step), [{"step": state.step, **s} for s in state.samples])
-            if rollout_s:
-                write_jsonl(tr.run.groups(state.step), state.groups)
+            # ---- 5. samples, groups (process 0), log, eval, checkpoint ----
+            if parallel.is_main():
+                write_fill(tr, cfg, state, rollout_s)
             tr.end_step(state.step, cfg.max_steps, {**state.fill_stats, **m, "perf/rollout_s": rollout_s}, step_line)
         # ---- 6. the end: checkpoint, final eval, final model, DONE ----
         return tr.finish(state.step, "final eval")

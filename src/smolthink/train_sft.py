@@ -5,7 +5,10 @@ checkpoints, graceful Ctrl-C / SIGTERM and exact resume.
 Token layout = what GRPO scores: prompt ids are the chat-templated conversation up to the assistant turn's
 opening (`chat.render_prompt(tok, messages[:-1])`), completion ids are the assistant text tokenised on its own
 plus the EOS token, exactly like a rollout that stopped by itself. Masks come from lengths, never from the pad id
-(SmolLM2 pads with its EOS)."""
+(SmolLM2 pads with its EOS).
+
+Across N processes (`parallel`): every process holds the traces and the same step plan, and trains on its rows of
+each step's minibatches; the loss is normalised by the whole step's assistant tokens."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,10 +23,11 @@ import torch
 
 from .buffer import Experience, ExperienceBuffer
 from .chat import render_prompt
-from .checkpoint import restore_checkpoint, save_checkpoint
+from . import parallel
+from .checkpoint import restore_checkpoint
 from .config import SFTConfig
 from .errors import SmolthinkError
-from .harness import TrainContext, TrainingRun, build_context, clip_and_step, start_process, training_run
+from .harness import TrainContext, TrainingRun, build_context, clip_and_step, save_step, start_process, training_run
 from .log import fmt_duration
 from .logprobs import token_logprobs
 from .packing import PaddedChunks
@@ -110,25 +114,26 @@ def sft_loss(model, batch, n_tokens_total: int) -> tuple[torch.Tensor, int]:
 
 
 def optimizer_step(ctx: "SFTContext", minibatches: list[list[int]]) -> dict[str, float]:
-    """Forward/backward every chunk of the step's micro-batches, clip, step, schedule (skipped on a NaN/inf loss
-    or gradient) -> metrics."""
+    """Forward/backward every chunk of the step's micro-batches (this process's rows of them), clip, step, schedule
+    (skipped on a NaN/inf loss or gradient) -> metrics of the whole step."""
     t0 = time.time()
     buffer = ctx.buffer
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
     loss_sum, tokens_seen = 0.0, 0
     lr = ctx.scheduler.get_last_lr()[0]
     with ctx.onednn.active():  # forward and backward (checkpointed head chunks recompute in backward)
-        for idx in ctx.packing.chunks(buffer, minibatches):
+        for idx in ctx.packing.chunks(buffer, parallel.rows(minibatches)):
             batch = ctx.packing.collate(buffer, idx, ctx.device)
             loss, _ = sft_loss(ctx.model, batch, n_tok)
             ctx.accelerator.backward(loss)
             loss_sum += loss.item()
             tokens_seen += ctx.packing.computed_tokens(batch)
-    stepped = clip_and_step(ctx, loss_sum)
+    step = parallel.merge({"loss/sft": loss_sum, "tokens": float(tokens_seen)})
+    stepped = clip_and_step(ctx, step["loss/sft"])
     seconds = time.time() - t0
-    return {"loss/sft": loss_sum, "lr": lr, **stepped, "perf/train_s": seconds,
-            "perf/train_tok_s": tokens_seen / max(seconds, 1e-9), "train/sequences": float(sum(map(len, minibatches))),
-            "train/assistant_tokens": float(n_tok)}
+    return {"loss/sft": step["loss/sft"], "lr": lr, **stepped, "perf/train_s": seconds,
+            "perf/train_tok_s": step["tokens"] / max(seconds, 1e-9),
+            "train/sequences": float(sum(map(len, minibatches))), "train/assistant_tokens": float(n_tok)}
 
 
 def sft_line(step: int, total: int, m: dict[str, float], step_s: float, eta_s: float) -> str:
@@ -185,12 +190,12 @@ def resolve_traces(cfg: SFTConfig, run: RunDir, resume: bool, eval_questions: Se
     path = run.traces
     if resume and path.is_file():
         return path
-    from .data import make_traces
+    from .data import make_traces, require_traces
     from .tasks import parse_tasks
 
     log.info("no traces given: writing %d %s traces to %s", cfg.data.num_traces, cfg.data.source, path)
-    make_traces(cfg.data, parse_tasks(cfg.task), cfg.seed, path, exclude_questions=eval_questions, reward=cfg.reward,
-                policy_model=cfg.model)
+    require_traces(make_traces(cfg.data, parse_tasks(cfg.task), cfg.seed, path, exclude_questions=eval_questions,
+                               reward=cfg.reward, policy_model=cfg.model))
     return path
 
 
@@ -202,9 +207,10 @@ def setup(cfg: SFTConfig, run: RunDir, resume: bool) -> SFTContext:
 
     start_process(cfg)
     eval_q = [e.question for e in eval_examples(parse_tasks(cfg.task), cfg.eval, cfg.seed)]
-    traces = resolve_traces(cfg, run, resume, eval_q)
+    traces = parallel.from_main(lambda: resolve_traces(cfg, run, resume, eval_q))
+    rows = load_traces(traces)  # a bad file fails before the model loads
     model, tok = load_policy(cfg)
-    exps, data_stats = build_experiences(tok, load_traces(traces), cfg.max_length, eval_q)
+    exps, data_stats = build_experiences(tok, rows, cfg.max_length, eval_q)
     if not exps:
         raise SmolthinkError(f"no usable traces in {traces} ({data_stats['dropped_too_long']} longer than "
                              f"max_length={cfg.max_length}, {data_stats['dropped_eval_overlap']} eval questions)")
@@ -226,8 +232,7 @@ def setup(cfg: SFTConfig, run: RunDir, resume: bool) -> SFTContext:
 def save(ctx: SFTContext, state: SFTState) -> Path:
     """Checkpoint after the last finished optimizer step."""
     counters = {"epoch": state.epoch, "pos": state.pos, "data_sha256": state.data_sha256, "seconds": state.seconds}
-    return save_checkpoint(ctx.run.checkpoints, state.step, ctx.model, ctx.optimizer, ctx.scheduler, counters,
-                           keep=ctx.cfg.keep_checkpoints)
+    return save_step(ctx, state.step, counters)
 
 
 def restore(ctx: SFTContext, tr: TrainingRun) -> SFTState:
@@ -235,7 +240,8 @@ def restore(ctx: SFTContext, tr: TrainingRun) -> SFTState:
     sha = ctx.data_stats["sha256"]
     if tr.resume_from is None:
         return SFTState(data_sha256=sha)
-    counters, _ = restore_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler)
+    counters, _ = restore_checkpoint(tr.resume_from, ctx.model, ctx.optimizer, ctx.scheduler, parallel.rank(),
+                                     parallel.world())
     if counters.get("data_sha256") and counters["data_sha256"] != sha:
         raise SmolthinkError(f"{ctx.data_stats['path']} changed since the checkpoint: resume needs the same traces")
     log.info("resumed from %s (step %d, epoch %d)", tr.resume_from.path, counters["step"], counters["epoch"])
@@ -279,11 +285,12 @@ def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False,
         describe(ctx)
         # ---- 2. start or resume ----
         state = restore(ctx, tr)
-        write_json(tr.run.data_stats, ctx.data_stats)
+        if parallel.is_main():
+            write_json(tr.run.data_stats, ctx.data_stats)
         tr.start(ctx, state.step, save=lambda: save(ctx, state),
                  config=dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=ctx.data_stats["path"])))
         budget = Budget(cfg.max_seconds, state.seconds)
-        while state.step < ctx.total and not tr.stopping and not budget.spent():
+        while state.step < ctx.total and not tr.stopping and not parallel.any_process(budget.spent()):
             # ---- 3. one optimizer step ----
             m = optimizer_step(ctx, next_step(ctx, state))
             state.pos += 1

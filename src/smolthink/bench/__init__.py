@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..configlib import flag_list, flag_type
 from .grpo import grpo_bench, run_child
 from .limits import gemm_limit, machine_info
 from .rollout import profile_fast_step, rollout_bench
@@ -34,20 +35,25 @@ def add_bench_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add = p.add_argument
     return [
         add("--model", default=None, help="hub id, local dir, .gguf; default: embedded SmolLM2-135M"),
-        add("--prompts", type=int, default=8, help="questions per rollout batch"),
-        add("--group", type=int, default=6, help="completions per question (G)"),
-        add("--max-new-tokens", type=int, default=300),
-        add("--temperature", type=float, default=0.7),
-        add("--top-p", type=float, default=0.95),
-        add("--reps", type=int, default=3, help="measured repetitions per rollout engine"),
-        add("--threads", type=int, default=0, help="torch threads (0: all cores)"),
-        add("--seed", type=int, default=0, help="data and sampling seed"),
-        add("--engines", default="hf,fast", help="rollout engines to compare"),
-        add("--parts", default="flops,rollout,grpo", help="any of flops,rollout,profile,grpo"),
-        add("--grpo", default="trl,smolthink", help="GRPO sides to run in (c)"),
-        add("--grpo-steps", type=int, default=2, help="measured GRPO steps (after 1 warm-up step)"),
-        add("--minibatch", type=int, default=8, help="GRPO micro-batch (both sides; 48 / minibatch accum.)"),
-        add("--max-tokens-per-forward", type=int, default=None,
+        add("--prompts", type=flag_type(int, "--prompts", ge=1), default=8, help="questions per rollout batch"),
+        add("--group", type=flag_type(int, "--group", ge=2), default=6, help="completions per question (G)"),
+        add("--max-new-tokens", type=flag_type(int, "--max-new-tokens", ge=1), default=300),
+        add("--temperature", type=flag_type(float, "--temperature", gt=0), default=0.7),
+        add("--top-p", type=flag_type(float, "--top-p", gt=0, le=1), default=0.95),
+        add("--reps", type=flag_type(int, "--reps", ge=1), default=3, help="measured repetitions per rollout engine"),
+        add("--threads", type=flag_type(int, "--threads", ge=0), default=0, help="torch threads (0: all cores)"),
+        add("--seed", type=flag_type(int, "--seed"), default=0, help="data and sampling seed"),
+        add("--engines", type=flag_list("--engines", ("hf", "fast")), default="hf,fast",
+            help="rollout engines to compare"),
+        add("--parts", type=flag_list("--parts", ("flops", "rollout", "profile", "grpo")),
+            default="flops,rollout,grpo", help="any of flops,rollout,profile,grpo"),
+        add("--grpo", type=flag_list("--grpo", ("trl", "smolthink")), default="trl,smolthink",
+            help="GRPO sides to run in (c)"),
+        add("--grpo-steps", type=flag_type(int, "--grpo-steps", ge=1), default=2,
+            help="measured GRPO steps (after 1 warm-up step)"),
+        add("--minibatch", type=flag_type(int, "--minibatch", ge=1), default=8,
+            help="GRPO micro-batch (both sides; 48 / minibatch accum.)"),
+        add("--max-tokens-per-forward", type=flag_type(int, "--max-tokens-per-forward", ge=0), default=None,
             help="smolthink side: padded tokens per forward/backward chunk (default: GRPOConfig's)"),
         add("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
             help="smolthink side: any other GRPOConfig field, e.g. share_prompts=false (repeatable)"),
