@@ -99,8 +99,8 @@ def build_context(cls: type, cfg: StageConfig, run: RunDir, total_steps: int, mo
     evaluator = make_evaluator(model, tok, specs, cfg.eval, cfg.reward, cfg.seed, scorer,
                                engine=getattr(cfg, "engine", "auto"))
     return cls(cfg=cfg, run=run, specs=specs, model=model, tok=tok, accelerator=accelerator, optimizer=optimizer,
-               scheduler=scheduler, onednn=OneDNNLinears(model, cfg.onednn_linears), scorer=scorer,
-               evaluator=evaluator, **extra)
+               scheduler=scheduler, onednn=OneDNNLinears(model, cfg.onednn_linears, cfg.precision),
+               scorer=scorer, evaluator=evaluator, **extra)
 
 
 def clip_and_step(ctx: TrainContext, loss: float) -> dict[str, float]:

@@ -44,7 +44,8 @@ def _head_chunk(head: torch.nn.Module, h: Tensor, targets: Tensor, temperature: 
     """Log-prob of the targets and entropy for one chunk of hidden rows: h [k, H], targets [k] -> [k], [k].
     A bias-free head scales h [k, H] by 1 / temperature instead of the [k, V] logits (one pass over 576 columns
     instead of 49k, forward and backward). entropy_grad=False computes the entropy outside autograd (a logged
-    metric when the loss has no entropy term: no backward through the [k, V] softmax)."""
+    metric when the loss has no entropy term: no backward through the [k, V] softmax). The head may run its GEMM
+    in bf16 (`OneDNNLinears` with precision bf16): its logits still reach the log-softmax as fp32."""
     if temperature != 1.0 and getattr(head, "bias", None) is None:
         logits = head(h / temperature).float()  # [k, V] = z / T
     else:

@@ -1,28 +1,37 @@
-"""oneDNN fp32 linear layers on CPU: the primitives FastEngine uses (packed weights) and `OneDNNLinears`, which
-runs training's linear layers through oneDNN with LoRA merged into one weight.
+"""oneDNN linear layers on CPU: the fp32 primitives FastEngine uses (packed weights) and `OneDNNLinears`, which
+runs training's linear layers through oneDNN with LoRA merged into one weight, in fp32 or bf16.
 
-On this machine kind (AVX-512, 2 threads) oneDNN's `_linear_pointwise` runs fp32 GEMMs at 430-500 GFLOP/s with a
-plain weight and ~500 with a pre-packed ("reordered") one, against ~210 for the MKL path behind `F.linear`
-(benchmarks/README.md). peft's LoRA forward also adds four skinny rank-r GEMMs and two [T, out] element-wise
-passes per layer, which on a CPU cost as much as the base GEMM.
+Why: on AVX-512 CPUs oneDNN's `_linear_pointwise` runs these GEMMs about twice as fast as the MKL path behind
+`F.linear`, and bf16 (native with avx512_bf16) about twice fp32 again. peft's LoRA forward also adds four skinny
+rank-r GEMMs and two [T, out] element-wise passes per layer, which on a CPU cost as much as the base GEMM. The
+measured figures are in benchmarks/README.md ("Numbers behind the training layers").
 
-`OneDNNLinears(model)` prepares two kinds of layer; `with layers.active():` routes their forward through oneDNN
-and restores the original forward on exit:
+`OneDNNLinears(model, precision=...)` prepares two kinds of layer; `with layers.active():` routes their forward
+through oneDNN and restores the original forward on exit:
 
 * a peft LoRA `Linear` (one active adapter, no dropout, no DoRA, fp32 CPU, frozen base): y = x W'^T + b with the
   merged weight W' = W + s B A (one GEMM instead of base + A + B), dx = dy W' (the same plain W', transposed
   view: no second copy), and the adapter gradients dA = s (dy B)^T x and dB = s dy^T (x A^T) in `LoraLinearFn`
   from the saved x and u = x A^T. W' is rebuilt in place when the version counters of W, A or B move (every
-  optimizer step): one rank-r GEMM per layer per step, no new allocation;
-* a plain frozen `nn.Linear` (the tied LM head, any frozen layer outside an adapter): its own weight, forward
-  and backward (no copy, no weight gradient).
+  optimizer step): one rank-r GEMM per layer per step (in fp32 into the same storage);
+* a plain frozen `nn.Linear` (the tied LM head, any frozen layer outside an adapter): forward and backward
+  (no weight gradient) on its own weight in fp32, on a bf16 copy of it in bf16.
 
-Same fp32 arithmetic, different summation order: outputs agree with the peft / `F.linear` path to ~1e-6 relative,
-and one input always gives the same output, so old and new log-probs computed under `active()` still give an
-importance ratio of exactly 1 on-policy. Memory: one merged copy of each adapted weight (~425 MB for
-SmolLM2-135M with all seven projections), held only inside `active()`. Pre-packing would add ~10% GEMM speed
-for a second and third copy (W' and W'^T packed: ~1.1 GB in all), which is what pushed the recipe-shape GRPO step
-over 4 GB. Anything else (a disabled adapter for the reference pass, bf16, CUDA) runs the original forward.
+fp32: the same arithmetic as peft / `F.linear` in another summation order (outputs agree to ~1e-6 relative).
+bf16: the big GEMMs (x W'^T, dy W', the head's forward and dx) take bf16 weights and the fp32 activations cast to
+bf16 at the GEMM; oneDNN accumulates in fp32 and its output (the logits too) is rounded to bf16 and cast back to
+fp32, so every tensor between layers, RMSNorm, attention, the logits' log-softmax and the loss stay fp32, as do A,
+B and their optimizer state. The cost is rounding inputs and output to 8 significant bits, about 2^-8 relative per
+GEMM (tests/test_onednn_bf16.py derives the gradient tolerance from it). A bf16 W' is summed in fp32 and rounded
+once. The rank-r adapter GEMMs stay fp32: they are a small share of the work and carry the gradient of the trained
+weights. Activations stay fp32 because HF's RMSNorm upcasts inside and attention accumulates in fp32 anyway (bf16
+end to end moved the casts without saving time, and a bf16 residual stream adds error). Plain, not pre-packed,
+weights in both precisions: packing needs a second copy for W'^T and buys a few percent of GEMM time.
+
+In both precisions one input always gives the same output, so old and new log-probs computed under `active()`
+give an importance ratio of exactly 1 on-policy. Memory: one merged copy of each adapted weight in the chosen
+precision (bf16 halves it) plus, in bf16, a copy of the head, held only inside `active()`. Anything else (a
+disabled adapter for the reference pass, a model already in bf16, CUDA) runs the original forward.
 """
 from __future__ import annotations
 
@@ -33,6 +42,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import SmolthinkError
 
 _ONEDNN: bool | None = None
 
@@ -69,23 +80,40 @@ def onednn_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
+def bf16_available() -> bool:
+    """True when oneDNN runs bf16 GEMMs on native bf16 dot products here (avx512_bf16: other CPUs emulate them
+    by conversions, which would spend the speed bf16 is for)."""
+    native = torch.cpu._is_avx512_bf16_supported()
+    return native and onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _gemm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., in] @ W^T (+ bias) in W's dtype, returned in x's dtype: a bf16 W casts x at the GEMM and the
+    output back (oneDNN accumulates in fp32 either way), an fp32 W is the plain `onednn_linear` call."""
+    if x.dtype == w.dtype:
+        return onednn_linear(x, w, bias)
+    b = bias.to(w.dtype) if bias is not None else None
+    return onednn_linear(x.to(w.dtype), w, b).to(x.dtype)
+
+
 class FrozenLinearFn(torch.autograd.Function):
     """y = x W^T + b for a frozen W: backward dx = dy W only (no dW, no db)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:  # noqa: D102
         ctx.w = w.detach()
-        return onednn_linear(x, ctx.w, bias)
+        return _gemm(x, ctx.w, bias)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # noqa: D102
-        grad_x = onednn_linear(grad_y.contiguous(), ctx.w.t()) if ctx.needs_input_grad[0] else None
+        grad_x = _gemm(grad_y.contiguous(), ctx.w.t()) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
 
 
 class LoraLinearFn(torch.autograd.Function):
     """y = x W'^T + b with W' = W + s B A (frozen W, trainable A [r, in] and B [out, r]), given the merged W':
-    backward dx = dy W', dA = s (dy B)^T x, dB = s dy^T (x A^T)."""
+    backward dx = dy W', dA = s (dy B)^T x, dB = s dy^T (x A^T). The two big GEMMs run in W''s dtype (fp32 or
+    bf16); the rank-r adapter GEMMs always in fp32 from the fp32 x and dy."""
 
     @staticmethod
     def forward(ctx, x: Tensor, lora_a: Tensor, lora_b: Tensor, merged: Tensor, bias: Tensor | None,
@@ -95,12 +123,12 @@ class LoraLinearFn(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])  # [M, in]
             u = onednn_linear(x2, lora_a)  # [M, r]
             ctx.save_for_backward(x2, u, lora_b)
-        return onednn_linear(x, merged, bias)  # [..., out]
+        return _gemm(x, merged, bias)  # [..., out]
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # noqa: D102
         grad_y = grad_y.contiguous()
-        grad_x = onednn_linear(grad_y, ctx.merged.t()) if ctx.needs_input_grad[0] else None  # [..., in]
+        grad_x = _gemm(grad_y, ctx.merged.t()) if ctx.needs_input_grad[0] else None  # [..., in]
         grad_a = grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             x2, u, lora_b = ctx.saved_tensors
@@ -114,10 +142,11 @@ class LoraLinearFn(torch.autograd.Function):
 
 
 class _MergedLora:
-    """The merged weight W' = W + s B A of one peft LoRA Linear, rebuilt in place when W, A or B change."""
+    """The merged weight W' = W + s B A of one peft LoRA Linear in `dtype`, rebuilt in place when W, A or B
+    change."""
 
-    def __init__(self, module: torch.nn.Module, adapter: str):
-        self.module, self.adapter = module, adapter
+    def __init__(self, module: torch.nn.Module, adapter: str, dtype: torch.dtype):
+        self.module, self.adapter, self.dtype = module, adapter, dtype
         self.versions: tuple[int, ...] = ()
         self.merged: Tensor | None = None
 
@@ -129,14 +158,18 @@ class _MergedLora:
 
     def refresh(self) -> None:
         """Rebuild W' (into the same storage) when any of W, A, B changed in place since the last build. Safe
-        because every graph that saved W' has run its backward before the optimizer changes A or B."""
+        because every graph that saved W' has run its backward before the optimizer changes A or B. A bf16 W'
+        is summed in fp32 and rounded once, so B A is not lost under W's rounding."""
         w, a, b, scale = self.parts()
         versions = (w._version, a._version, b._version)
         if versions != self.versions:
             with torch.no_grad():
                 if self.merged is None:
-                    self.merged = torch.empty_like(w)
-                torch.addmm(w, b, a, alpha=scale, out=self.merged)  # [out, in]
+                    self.merged = torch.empty_like(w, dtype=self.dtype)
+                if self.dtype == w.dtype:
+                    torch.addmm(w, b, a, alpha=scale, out=self.merged)  # [out, in]
+                else:
+                    self.merged.copy_(torch.addmm(w, b, a, alpha=scale))  # fp32 [out, in] -> bf16
             self.versions = versions
 
     def release(self) -> None:
@@ -161,19 +194,27 @@ class _MergedLora:
 
 
 class _Frozen:
-    """A frozen plain nn.Linear routed through `FrozenLinearFn` (nothing to build or release)."""
+    """A frozen plain nn.Linear routed through `FrozenLinearFn`, its weight used as it is (fp32) or as a `dtype`
+    copy built on first use and dropped by `release`."""
 
-    def __init__(self, module: torch.nn.Linear):
-        self.module = module
+    def __init__(self, module: torch.nn.Linear, dtype: torch.dtype):
+        self.module, self.dtype = module, dtype
+        self.weight: Tensor | None = None
 
     def release(self) -> None:
-        """Nothing is held."""
+        """Drop the cast copy."""
+        self.weight = None
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """The patched nn.Linear forward: x [..., in] -> [..., out]."""
         if args or kwargs or x.dtype != torch.float32 or x.device.type != "cpu":
             return type(self.module).forward(self.module, x, *args, **kwargs)
-        return FrozenLinearFn.apply(x, self.module.weight, self.module.bias)
+        w = self.module.weight
+        if self.dtype != w.dtype:
+            if self.weight is None:  # frozen: no version to follow
+                self.weight = w.detach().to(self.dtype)
+            w = self.weight
+        return FrozenLinearFn.apply(x, w, self.module.bias)
 
 
 def _lora_adapter(m: torch.nn.Module) -> str | None:
@@ -208,24 +249,29 @@ def _frozen_plain(m: torch.nn.Module) -> bool:
 
 
 class OneDNNLinears:
-    """A model's LoRA and frozen linear layers run through oneDNN inside `active()` (see the module docstring).
-    Empty (a no-op) when disabled, when oneDNN is unavailable or nothing is frozen."""
+    """A model's LoRA and frozen linear layers run through oneDNN inside `active()` (see the module docstring),
+    their big GEMMs in `precision` ("fp32" or "bf16"). Empty (a no-op) when disabled, when oneDNN is unavailable
+    or nothing is frozen; bf16 on a CPU without native bf16 GEMMs is refused (it would run fp32 silently)."""
 
-    def __init__(self, model: torch.nn.Module, enabled: bool = True):
+    def __init__(self, model: torch.nn.Module, enabled: bool = True, precision: str = "fp32"):
         self.layers: list[_MergedLora | _Frozen] = []
+        if enabled and precision == "bf16" and not bf16_available():
+            raise SmolthinkError("precision=bf16 needs oneDNN and a CPU with native bf16 dot products "
+                                 "(avx512_bf16); use precision=fp32 here")
         if not (enabled and onednn_available()):
             return
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         inside_lora = set()
         for m in model.modules():
             name = _lora_adapter(m)
             if name is not None:
-                self.layers.append(_MergedLora(m, name))
+                self.layers.append(_MergedLora(m, name, dtype))
                 inside_lora.add(id(m.base_layer))
         seen = set(inside_lora)
         for m in model.modules():
             if id(m) not in seen and _frozen_plain(m):
                 seen.add(id(m))
-                self.layers.append(_Frozen(m))
+                self.layers.append(_Frozen(m, dtype))
 
     @property
     def lora_layers(self) -> int:
