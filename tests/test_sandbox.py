@@ -182,18 +182,22 @@ def test_hanging_payloads_time_out_without_a_restart(raw):
     assert raw._workers[0].proc.pid == worker_pid  # the worker survived all of it
 
 
-def test_crashing_payloads_are_errors(raw):
+def test_crashing_payloads_are_errors(sandbox_cwd):
+    """Each payload ends the scoring process in its own way. The deep recursion needs seconds of CPU to reach its
+    SIGSEGV on a busy machine, so this sandbox gets a longer timeout than the other tests' (it must crash, not
+    time out)."""
     b = entry("binary_matrix")
     deep = "__import__('sys').setrecursionlimit(10**8) or repr(__import__('functools').reduce(lambda a, _: [a], " \
            "range(10**5), []))"
-    for answer, expected in [("__import__('os')._exit(3)", "crashed: exit code 3"),
-                             (deep, "crashed: killed by signal SIGSEGV"),
-                             ("__import__('ctypes').string_at(0)", "error: SandboxViolation: ctypes.string_at"),
-                             ("__import__('os').kill(__import__('os').getppid(), 9)",
-                              "error: SandboxViolation: os.kill")]:
-        score, err = raw.score("binary_matrix", {}, answer, b)
-        assert score == 0.0 and err.startswith(expected), (answer, err)
-        assert raw.score("binary_matrix", {}, b["answer"], b) == (1.0, None)
+    with Scorer(timeout=30.0, eval_guard=False) as raw:
+        for answer, expected in [("__import__('os')._exit(3)", "crashed: exit code 3"),
+                                 (deep, "crashed: killed by signal SIGSEGV"),
+                                 ("__import__('ctypes').string_at(0)", "error: SandboxViolation: ctypes.string_at"),
+                                 ("__import__('os').kill(__import__('os').getppid(), 9)",
+                                  "error: SandboxViolation: os.kill")]:
+            score, err = raw.score("binary_matrix", {}, answer, b)
+            assert score == 0.0 and err.startswith(expected), (answer, err)
+            assert raw.score("binary_matrix", {}, b["answer"], b) == (1.0, None)
 
 
 def test_a_dead_worker_is_replaced(scorer):
