@@ -9,38 +9,31 @@ The saved user message is always the plain question: the answer hint a teacher s
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import urlparse
 
-from .chat import SYSTEM_PROMPT, build_messages, format_ok
+from .chat import SYSTEM_PROMPT, format_ok
 from .config import DataConfig, RewardConfig
 from .configlib import show_value
 from .data_auto import (FORMAT_ONLY, check_yield, format_only_candidates, question_caps, shortfall, source_groups,
                         task_sources, task_yield, yield_lines)
 from .errors import SmolthinkError
-from .log import progress_bar
 from .rewards import score_completions
 from .rundir import write_json, write_jsonl
 from .seeds import derive_seed
-from .tasks import TaskSpec, make_examples, reference_answer
+from .tasks import TaskSpec, make_examples
+from .teachers import api_candidates, api_settings, leaks_hint, teacher_candidates
 from .types import Example
 
 log = logging.getLogger(__name__)
 
-HINT = "The correct answer is: {answer}. Explain step by step why, then answer."
-# A rationale that quotes the hint teaches the student to cite a hint it will never see: rejected.
-_HINT_LEAK = re.compile(r"\bhint\b|correct answer is:|\b(?:we are|we were|I am|I was|you are) (?:told|given)\b|"
-                        r"\bthe (?:given|provided|stated) answer\b", re.IGNORECASE)
 REJECT_REASONS = ("no_trace", "format", "wrong", "leaks_hint")
 
 
@@ -60,7 +53,7 @@ def verify(traces: Sequence[str | None], examples: Sequence[Example], scorer, sp
             reasons[i] = "no_trace"
         elif not format_ok(t):
             reasons[i] = "format"
-        elif check_hint_leak and _HINT_LEAK.search(t):
+        elif check_hint_leak and leaks_hint(t):
             reasons[i] = "leaks_hint"
         else:
             todo.append(i)
@@ -71,11 +64,6 @@ def verify(traces: Sequence[str | None], examples: Sequence[Example], scorer, sp
             if p.correct != 1.0 or p.format != 1.0:
                 reasons[i] = "wrong" if p.correct != 1.0 else "format"
     return reasons
-
-
-def hinted_messages(ex: Example) -> list[dict[str, str]]:
-    """System prompt + the question followed by the answer hint (what a teacher sees)."""
-    return build_messages(f"{ex.question}\n\n{HINT.format(answer=reference_answer(ex))}")
 
 
 def trace_row(ex: Example, trace: str, source: str) -> dict[str, Any]:
@@ -102,102 +90,6 @@ def scripted_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig,
             raise SmolthinkError(f"no scripted solver for {', '.join(missing)} (supported: "
                                  f"{', '.join(sorted(solvers.SUPPORTED_TASKS))}); use --source teacher or api")
     return [[solve(ex.task, ex.entry, random.Random(derive_seed(seed, "scripted", ex.id)))] for ex in examples], {}
-
-
-def teacher_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, model=None, tokenizer=None,
-                       batch_size: int = 8, **_: Any) -> tuple[list[list[str | None]], dict]:
-    """`cfg.samples_per_question` samples from a local model prompted with the question and its answer."""
-    from .chat import render_prompt
-    from .models import eos_ids
-    from .rollout import make_engine
-    from .types import SamplingParams
-
-    if model is None or tokenizer is None:
-        raise SmolthinkError("source 'teacher' needs a local model and tokenizer")
-    eng = make_engine("auto", model, eos_ids(tokenizer, model), tokenizer.pad_token_id)
-    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0)
-    out: list[list[str | None]] = []
-    counters = Counter()
-    with progress_bar("teacher traces", len(examples)) as advance:
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start : start + batch_size]
-            prompts = [render_prompt(tokenizer, hinted_messages(ex)) for ex in batch]
-            rows = eng.generate(model, prompts, cfg.samples_per_question, sampling, seed=derive_seed(seed, "teacher", start))
-            for prompt, row in zip(prompts, rows):
-                out.append([tokenizer.decode(r.completion_ids, skip_special_tokens=True).strip() for r in row])
-                counters["prompt_tokens"] += len(prompt) * len(row)
-                counters["completion_tokens"] += sum(len(r.completion_ids) for r in row)
-                counters["truncated"] += sum(r.truncated for r in row)
-            advance(len(batch))
-    return out, {f"teacher_{k}": v for k, v in counters.items()}
-
-
-def _api_settings(cfg: DataConfig, teacher_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """APITeacher settings: base_url / model from cfg (else OPENAI_BASE_URL / OPENAI_MODEL), the key from
-    OPENAI_API_KEY, concurrency from cfg; teacher_kwargs (tests: a cache directory, a key) override them."""
-    kw = {"base_url": cfg.api_base_url, "model": cfg.api_model, "concurrency": cfg.api_concurrency,
-          **(teacher_kwargs or {})}
-    for key, env in (("base_url", "OPENAI_BASE_URL"), ("model", "OPENAI_MODEL"), ("api_key", "OPENAI_API_KEY")):
-        if not kw.get(key):
-            kw[key] = os.environ.get(env) or None
-    if not kw["base_url"] or not kw["model"]:
-        raise SmolthinkError("source 'api' needs a base URL and a model: pass --base-url/--api-model or set "
-                             "OPENAI_BASE_URL and OPENAI_MODEL (and OPENAI_API_KEY)")
-    if not kw["api_key"] and (urlparse(kw["base_url"]).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
-        raise SmolthinkError(f"no API key for {kw['base_url']}: set OPENAI_API_KEY")  # loopback servers need none
-    return kw
-
-
-def api_candidates(examples: Sequence[Example], seed: int, cfg: DataConfig, teacher_kwargs: dict | None = None,
-                   **_: Any) -> tuple[list[list[str | None]], dict]:
-    """`cfg.samples_per_question` samples per question from an OpenAI-compatible API (APITeacher: concurrency,
-    retries, on-disk cache keyed by model + prompt + sampling settings), prompted with the question and its
-    answer. Token counts are summed over every answer used (cached ones included: what the traces cost)."""
-    from .teacher_api import APITeacher
-
-    teacher = APITeacher(**_api_settings(cfg, teacher_kwargs))
-    requests = []
-    for k, ex in enumerate(examples):
-        messages = hinted_messages(ex)
-        body = {"messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens,
-                "n": cfg.samples_per_question, "seed": derive_seed(seed, "api", k)}
-        ident = json.dumps([teacher.base_url, teacher.model, body], ensure_ascii=False, sort_keys=True)
-        requests.append({"key": hashlib.sha256(ident.encode()).hexdigest()[:40], **body})
-    responses = teacher.complete_many(requests)
-    if not any(responses):  # every later round would ask the same server in vain
-        raise SmolthinkError(f"the API teacher at {teacher.url} answered none of {len(requests)} requests: "
-                             f"{teacher.last_error}")
-    out: list[list[str | None]] = []
-    usage = Counter()
-    for resp in responses:
-        if not resp:
-            out.append([None])
-            usage["failed_requests"] += 1
-            continue
-        texts = [((c.get("message") or {}).get("content") or "").strip() or None for c in resp.get("choices") or []]
-        out.append(texts or [None])
-        u = resp.get("usage") or {}
-        for k in ("prompt_tokens", "completion_tokens"):
-            if isinstance(u.get(k), int):
-                usage[k] += u[k]
-    extra = {f"teacher_{k}": v for k, v in usage.items()}
-    st = _plain(teacher.stats)
-    extra.update(teacher_cost_usd=st.get("cost_usd", 0.0), teacher_cache_hits=st.get("cache_hits", 0),
-                 teacher_http_requests=st.get("requests", 0), teacher_api_stats=st)
-    return out, extra
-
-
-def _plain(obj: Any) -> Any:
-    """A JSON-able copy of a stats object (dict or dataclass)."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj if isinstance(obj, (int, float, str, bool)) or obj is None else str(obj)
 
 
 GENERATORS = {"scripted": scripted_candidates, "teacher": teacher_candidates, "api": api_candidates,
@@ -354,7 +246,7 @@ def make_traces(cfg: DataConfig, specs: Sequence[TaskSpec], seed: int, out_path:
     source, reward, specs = cfg.source, reward or RewardConfig(), list(specs)
     sources = task_sources(source, specs)
     if "api" in sources.values():
-        _api_settings(cfg, teacher_kwargs)  # fail before generating any question
+        api_settings(cfg, teacher_kwargs)  # fail before generating any question
     if "teacher" in sources.values() and model is None:
         from .models import load_model
 

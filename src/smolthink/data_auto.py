@@ -1,7 +1,7 @@
 """`data.source: auto`, the default: warm-up traces for any reasoning-gym task.
 
 Per task: the scripted solver where one exists (`solvers.SUPPORTED_TASKS`); elsewhere the local teacher shown the
-true answer (STaR rationalisation, `data.teacher_candidates`), sampled `samples_per_question` times, a trace kept
+true answer (STaR rationalisation, `teachers.teacher_candidates`), sampled `samples_per_question` times, a trace kept
 only when it verifies and does not leak the hint.
 
 The teacher's budget: `data.teacher_questions` questions in all (default 64, split over the teacher tasks by

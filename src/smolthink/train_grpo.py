@@ -18,24 +18,22 @@ from typing import Any
 
 import torch
 
-from .buffer import Experience, ExperienceBuffer
+from .buffer import ExperienceBuffer
 from . import parallel
 from .checkpoint import restore_checkpoint
 from .config import GRPOConfig
 from .errors import SmolthinkError
-from .grpo import group_advantages, policy_loss, zero_std_groups
-from .groups import GroupResult, group_metrics, group_results
+from .grpo import policy_loss
 from .harness import TrainContext, TrainingRun, build_context, clip_and_step, save_step, start_process, training_run
 from .log import step_line
+from .experience import collect_experience
 from .packing import Packing, fill_old_logprobs, make_packing
 from .questions import QuestionSource, make_source
-from .rewards import load_functions, score_completions
+from .rewards import load_functions
 from .rundir import write_jsonl
-from .runtime import load_policy, render_prompts, trim_heap
+from .runtime import load_policy, trim_heap
 from .seeds import derive_seed
-from .task_metrics import per_task_metrics
 from .tasks import parse_tasks, train_eval_split
-from .types import Example, RewardParts, Rollout, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +70,6 @@ class LoopState:
     source: dict = field(default_factory=dict)  # QuestionSource.state_dict() after the last finished fill
 
 
-@dataclass
-class Fill:
-    """What one buffer fill collected."""
-
-    exps: list[Experience]
-    stats: dict[str, float]
-    samples: list[dict]  # the first few decoded completions
-    groups: list[GroupResult]
-
-
 def derived_numbers(cfg: GRPOConfig) -> dict[str, Any]:
     """How rollout batches, buffer fills and optimizer steps relate (printed at start-up)."""
     per_rollout = cfg.prompts_per_rollout * cfg.num_generations
@@ -92,91 +80,6 @@ def derived_numbers(cfg: GRPOConfig) -> dict[str, Any]:
     return {"completions_per_rollout": per_rollout, "rollouts_per_fill": rollouts_per_fill,
             "completions_per_fill": per_fill, "sequences_per_step": per_step, "steps_per_fill": steps_per_fill,
             "fills": math.ceil(cfg.max_steps / steps_per_fill), "on_policy": steps_per_fill == 1}
-
-
-def rollout_batch(ctx: GRPOContext, examples: list[Example], index: int) -> tuple:
-    """Generate G completions per question and score them (each process its slice of the questions, gathered to
-    every process) -> (rollouts [P][G], texts [P*G], reward parts [P*G], advantages [P, G], zero-std flags [P])."""
-    cfg: GRPOConfig = ctx.cfg
-    mine = parallel.share(examples)  # P_r questions: every group and its advantages on one process
-    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
-    rollouts = ctx.engine.generate(ctx.model, render_prompts(ctx.tok, mine), cfg.num_generations, sampling,
-                                   seed=parallel.process_seed(derive_seed(cfg.seed, "rollout", index)))  # [P_r][G]
-    flat = [r for row in rollouts for r in row]
-    texts = [ctx.tok.decode(r.completion_ids, skip_special_tokens=True) for r in flat]
-    parts = score_completions(texts, [ex for ex in mine for _ in range(cfg.num_generations)],
-                              [len(r.completion_ids) for r in flat], ctx.scorer, ctx.specs,
-                              cfg.reward, cfg.max_completion_length, ctx.evaluator.prefill, ctx.user_fns)
-    rewards = torch.tensor([p.total for p in parts], dtype=torch.float32).view(len(mine), -1)  # [P_r, G]
-    rollouts, texts, parts, adv, zero = parallel.gather_lists(rollouts, texts, parts, [group_advantages(
-        rewards, cfg.scale_rewards)], [zero_std_groups(rewards)])
-    return rollouts, texts, parts, torch.cat(adv), torch.cat(zero)  # [P][G], [P*G], [P*G], [P, G], [P]
-
-
-def collect_experience(ctx: GRPOContext, state: LoopState) -> Fill:
-    """Fill a buffer: rollout batches of P questions (from the question source) x G samples, scored and turned into
-    group advantages; each batch's groups go back to the source (curricula, replay). Zero-signal groups are
-    counted, and dropped (with a cap on extra batches) when drop_zero_std_groups."""
-    cfg: GRPOConfig = ctx.cfg
-    min_batches = derived_numbers(cfg)["rollouts_per_fill"]
-    exps, all_parts, all_rollouts, groups, samples = [], [], [], [], []
-    t0, batches = time.time(), 0
-    while len(exps) < cfg.buffer_size:
-        drawn = ctx.source.next_batch(cfg.prompts_per_rollout, state.rollouts)
-        examples = [d.example for d in drawn]
-        rollouts, texts, parts, adv, zero = rollout_batch(ctx, examples, state.rollouts)
-        state.rollouts += 1
-        batches += 1
-        batch_groups = group_results(examples, [d.origin for d in drawn], [d.level for d in drawn], rollouts,
-                                     parts, zero.tolist())
-        ctx.source.record(batch_groups)
-        drop = cfg.drop_zero_std_groups and batches - min_batches < cfg.max_resample_attempts
-        for b, group in enumerate(batch_groups):
-            group.dropped = drop and group.zero_std
-            if group.dropped:
-                continue
-            for g in range(cfg.num_generations):
-                k = b * cfg.num_generations + g
-                r = rollouts[b][g]
-                exps.append(Experience(prompt_ids=r.prompt_ids, completion_ids=r.completion_ids, old_logp=None,
-                                       advantage=float(adv[b, g]), reward=parts[k].total,
-                                       parts={"correct": parts[k].correct, "format": parts[k].format},
-                                       truncated=r.truncated, group=state.rollouts * 1000 + b,
-                                       engine_logp=None if r.logprobs is None else torch.tensor(r.logprobs)))
-                if len(samples) < 12:
-                    samples.append({"prompt": examples[b].question, "completion": texts[k],
-                                    "gold": examples[b].answer, "reward": parts[k].total,
-                                    "correct": parts[k].correct, "format": parts[k].format,
-                                    "advantage": float(adv[b, g]), "truncated": r.truncated})
-        groups += batch_groups
-        all_parts += parts
-        all_rollouts += [r for row in rollouts for r in row]
-    stats = fill_stats(cfg, all_parts, all_rollouts, time.time() - t0)
-    stats.update(group_metrics(groups))
-    stats.update(per_task_metrics(groups, all_parts, [s.name for s in ctx.specs]))
-    stats.update({"rollout/batches": float(batches), "rollout/extra_batches": float(batches - min_batches)})
-    stats.update(ctx.source.metrics(groups))
-    return Fill(exps, stats, samples, groups)
-
-
-def fill_stats(cfg: GRPOConfig, parts: list[RewardParts], rollouts: list[Rollout], seconds: float) -> dict[str, float]:
-    """Reward, length and rollout-speed metrics of a fill's completions (dropped groups included)."""
-    rs = torch.tensor([p.total for p in parts])
-    n = len(parts)
-    lengths = [len(r.completion_ids) for r in rollouts]
-    stats = {"reward/mean": rs.mean().item(), "reward/std": rs.std().item() if n > 1 else 0.0,
-             "reward/correct": sum(p.correct for p in parts) / n,
-             "reward/format": sum(p.format for p in parts) / n,
-             "reward/partial": sum(p.partial for p in parts) / n,
-             "reward/length": sum(p.length for p in parts) / n,
-             "reward/scoring_errors": float(sum(p.error is not None for p in parts)),
-             "completion/mean_len": sum(lengths) / n,
-             "completion/clipped_frac": sum(r.truncated for r in rollouts) / n,
-             "perf/rollout_s": seconds, "perf/rollout_tok_s": sum(lengths) / max(seconds, 1e-9)}
-    for name in cfg.reward.functions:
-        stats[f"reward/{name.partition('=')[0]}"] = sum(p.extras.get(name.partition('=')[0], 0.0)
-                                                      for p in parts) / n
-    return stats
 
 
 def plan_steps(buffer: ExperienceBuffer, cfg: GRPOConfig, fill: int) -> list[list[list[int]]]:
@@ -202,7 +105,7 @@ def fill_buffer(ctx: GRPOContext, state: LoopState, buffer: ExperienceBuffer, on
     fill is complete, so an interrupt mid-collection leaves the state of the last finished step), plan its
     optimizer steps, and compute old log-probs when more than one update follows -> rollout seconds."""
     fill_state = dataclasses.replace(state)
-    fill = collect_experience(ctx, fill_state)
+    fill = collect_experience(ctx, fill_state, derived_numbers(ctx.cfg)["rollouts_per_fill"])
     trim_heap()  # the rollout's KV caches are gone: hand their pages back before training
     buffer.clear()
     buffer.extend(fill.exps)
