@@ -31,8 +31,9 @@ from .errors import SmolthinkError
 from .evaluate import Evaluator, eval_metrics, make_evaluator
 from .log import MetricsWriter, console, eval_table
 from .onednn import OneDNNLinears
+from .rss import process_peak_gb, rss_phase
 from .rundir import RunDir, atomic_write, discard, remove_leftovers
-from .runtime import make_optimizer, make_scheduler, peak_rss_gb, set_threads, trim_heap
+from .runtime import between_phases, make_optimizer, make_scheduler, set_threads
 from .tasks import TaskSpec, parse_tasks
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,11 @@ def clip_and_step(ctx: TrainContext, loss: float) -> dict[str, float]:
 def run_eval(ctx: TrainContext, step: int) -> dict[str, Any]:
     """The held-out eval after `step` optimizer steps -> eval/step_XXXXXX.json (+ completions)."""
     try:
-        return ctx.evaluator.run(ctx.model, ctx.run.eval(step), ctx.run.eval_completions(step),
-                                 {"step": step, "model": ctx.cfg.model or "embedded", "task": str(ctx.cfg.task)})
+        with rss_phase("eval"):
+            return ctx.evaluator.run(ctx.model, ctx.run.eval(step), ctx.run.eval_completions(step),
+                                     {"step": step, "model": ctx.cfg.model or "embedded", "task": str(ctx.cfg.task)})
     finally:
-        trim_heap()
+        between_phases()
 
 
 @dataclass
@@ -159,8 +161,8 @@ class TrainingRun:
         row, print the console line with its ETA every log_every steps, stop after max_nonfinite_steps skipped steps
         in a row (SmolthinkError), checkpoint when due."""
         cfg = self.ctx.cfg
-        trim_heap()  # activations and merged weights are gone: hand their pages back
-        metrics.update({"perf/peak_rss_gb": peak_rss_gb(), "perf/step_s": time.time() - self.t_step})
+        between_phases()  # activations and merged weights are gone: hand their pages back
+        metrics.update({"perf/peak_rss_gb": process_peak_gb(), "perf/step_s": time.time() - self.t_step})
         if cfg.eval.every and step % cfg.eval.every == 0 and step < total and cfg.eval.n:
             metrics.update(eval_metrics(run_eval(self.ctx, step)))
         self.metrics.write(step, metrics)
@@ -203,7 +205,8 @@ class TrainingRun:
             console.print(eval_table(final, f"{title} (step {step})"))
         from .models import save_final
 
-        save_final(ctx.accelerator.unwrap_model(ctx.model), ctx.tok, self.run.final)
+        with rss_phase("save_final"):
+            save_final(ctx.accelerator.unwrap_model(ctx.model), ctx.tok, self.run.final)
         log.info("final model: %s/merged (transformers) and %s/adapter (peft)", self.run.final, self.run.final)
         self.run.mark_done(time.time() - self.t_start, steps=step)
         return final
