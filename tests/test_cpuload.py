@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from smolthink import cpuload, runtime
-from smolthink.cpuload import CpuClock, CpuReading, choose_threads, openmp_env, read_busy_seconds
+from smolthink.cpuload import CpuClock, CpuReading, choose_threads, read_busy_seconds
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -72,17 +72,6 @@ def test_the_real_clock_reads_this_machine():
     clock = CpuClock()
     load = clock.other_load(wait=True)  # sleeps the minimal window
     assert clock.cpus == cpuload.allowed_cpus() and (load is None or load >= 0.0)
-
-
-def test_openmp_env_sets_passive_unless_the_user_chose(monkeypatch):
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    assert openmp_env() == cpuload.WAIT_POLICY and os.environ["OMP_WAIT_POLICY"] == cpuload.WAIT_POLICY
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert openmp_env() == "ACTIVE"
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # a spin count of the user's own: libgomp's default policy
-    assert openmp_env() is None and "OMP_WAIT_POLICY" not in os.environ
 
 
 class FakeClock:

@@ -261,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors print one line, Ctrl-C exits 130."""
-    from .cpuload import openmp_env
+    from .nativeenv import native_env
     from .log import setup_logging
 
-    openmp_env()  # before anything imports torch: libgomp reads it once
+    native_env()  # before anything imports torch: the native libraries read it once
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:

@@ -1,6 +1,6 @@
 """How much of this process's CPUs other processes keep busy, and the torch thread count that follows from it
-(`runtime.set_threads` / `runtime.between_phases` apply it). Imports nothing heavy: `openmp_env` must run before
-the first `import torch`.
+(`runtime.set_threads` / `runtime.between_phases` apply it). The OpenMP wait policy that goes with it is set
+before torch loads (`nativeenv.native_env`).
 
 Why: an OpenMP team waits at every parallel region's barrier for its slowest thread. With one CPU-bound process
 beside it on a 2-core machine, one of two torch threads shares its core in scheduler time slices of milliseconds,
@@ -22,22 +22,6 @@ import time
 from dataclasses import dataclass
 
 MIN_WINDOW_S = 0.2  # /proc/stat counts in 10 ms ticks: shorter windows are mostly rounding
-
-# OMP_WAIT_POLICY for libgomp, read once when torch loads it. PASSIVE: a thread that waits at a barrier sleeps at
-# once instead of spinning, so it does not take time slices from the team member whose core it shares with another
-# process, nor from that process. The measurements behind it are in benchmarks/README.md.
-WAIT_POLICY = "PASSIVE"
-
-
-def openmp_env(policy: str = WAIT_POLICY) -> str | None:
-    """Set OMP_WAIT_POLICY (libgomp, torch's OpenMP) to `policy` unless the user chose a wait policy or a spin
-    count (GOMP_SPINCOUNT) already; call it before torch is imported (libgomp reads both when it loads, later
-    changes do nothing) -> the OMP_WAIT_POLICY in effect (None: libgomp's default). KMP_BLOCKTIME, the same knob
-    for Intel's OpenMP, does not apply: torch's CPU wheels ship libgomp."""
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = policy
-    return os.environ.get("OMP_WAIT_POLICY")
-
 
 def allowed_cpus() -> list[int]:
     """The CPUs this process may run on (its affinity mask; every CPU where there is none)."""
@@ -118,6 +102,6 @@ class CpuClock:
         return max(0.0, (now.busy - prev.busy) - (now.own - prev.own)) / span
 
 
-# started when this module is first imported (the CLI imports it first thing, for `openmp_env`), so the first
-# check covers the start-up's imports: no sleep before choosing the threads
+# started when this module is first imported (the CLI imports it first thing), so the first check covers the
+# start-up's imports: no sleep before choosing the threads
 PROCESS_CLOCK = CpuClock()

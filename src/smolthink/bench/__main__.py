@@ -2,9 +2,9 @@
 (the GRPO and contention children start this way)."""
 import sys
 
-from ..cpuload import openmp_env
+from ..nativeenv import native_env
 
-openmp_env()  # before anything imports torch: libgomp reads it once
+native_env()  # before anything imports torch: the native libraries read it once
 
 from ..cli import build_parser  # noqa: E402
 from . import main  # noqa: E402
