@@ -18,6 +18,8 @@ OLD_NAMESPACE = {"model": None, "prompts": 8, "group": 6, "max_new_tokens": 300,
                  "reps": 2, "threads": 0, "seed": 0, "engines": "hf,fast", "parts": "flops,rollout",
                  "grpo": "trl,smolthink", "grpo_steps": 2, "minibatch": 8, "max_tokens_per_forward": None,
                  "sets": ["a=1"], "out": "benchmarks/results.json", "child": None, "child_out": None}
+# the flags added since, in their order after the old ones
+NEW_FLAGS = {"contention": False, "contention_threads": "2,1,0", "contention_policies": "passive,active"}
 
 
 def test_summarize():
@@ -97,7 +99,8 @@ def test_results_args_are_the_bench_flags_only():
     """results.json's "args": every user flag, no CLI plumbing (func is not JSON) and no child flags."""
     a = build_parser().parse_args(["-v", "bench", "--reps", "2", "--child", "trl", "--child-out", "x.json"])
     opts = bench.bench_options(a)
-    assert list(opts) == [k for k in OLD_NAMESPACE if not k.startswith("child")]
+    assert list(opts) == [k for k in OLD_NAMESPACE if not k.startswith("child")] + list(NEW_FLAGS)
+    assert {k: opts[k] for k in NEW_FLAGS} == NEW_FLAGS
     assert opts["reps"] == 2 and json.loads(json.dumps(opts)) == opts
 
 
@@ -161,3 +164,90 @@ def test_cli_hands_leading_options_to_the_bench(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--parts", "grpo", "--grpo-steps", "1", "--help"])
     assert e.value.code == 0 and "--grpo-steps" in capsys.readouterr().out
+
+
+def test_flops_part_at_a_tiny_size_states_both_decode_bounds():
+    from smolthink.bench.limits import decode_bounds, gemm_limit, memory_bandwidth
+
+    g = gemm_limit(reps=1, rows=(4, 8), k=32, n=64, work=1e4, streamed=2)
+    for M in (4, 8):
+        for name in ("mkl", "onednn", "onednn_plain", "bf16_plain", "bf16_packed"):
+            assert g[f"{name}_m{M}"]["median"] > 0
+        assert g[f"limit_gflops_{M}"] == max(g[f"{b}_m{M}"]["median"] for b in ("mkl", "onednn", "onednn_plain"))
+        assert g[f"limit_bf16_gflops_{M}"] == max(g[f"{b}_m{M}"]["median"] for b in ("bf16_plain", "bf16_packed"))
+    assert g["onednn_m4_streamed"]["n"] == 1
+    bw = memory_bandwidth(nbytes=1 << 16, reps=1)
+    assert bw["copy_gb_s"]["median"] > 0
+    g["limit_gflops_48"], g["limit_bf16_gflops_48"] = 400.0, 800.0
+    db = decode_bounds(g, 20.0, n_params=100_000_000, kv_bytes_per_token=46080)
+    # FLOP bound: 400e9 / 2e8 = 2000 tok/s = 41.7 steps/s at 48 rows; bandwidth: 20e9 / 4e8 = 50 steps/s fp32
+    assert db["fp32"]["flop_tok_s"] == pytest.approx(2000) and db["fp32"]["flop_steps_s"] == pytest.approx(2000 / 48)
+    assert db["fp32"]["bandwidth_steps_s"] == pytest.approx(50)
+    assert db["bf16"]["bandwidth_steps_s"] == pytest.approx(100)
+    assert db["bf16"]["flop_tok_s"] == pytest.approx(4000) and db["bf16"]["weight_bytes_per_step"] == 2e8
+    assert db["fp32"]["kv_bytes_per_step"] == 48 * 300 * 46080 and db["bf16"]["kv_bytes_per_step"] == 48 * 300 * 23040
+    table = format_table({"machine": {}, "gemm": g, "model": {}, "bandwidth": bw, "decode_bounds": db})
+    for needle in ("oneDNN bf16 packed  M=8", "best bf16 / best fp32 at M=8", "streaming copy of 0 MB",
+                   "fp32: FLOP bound 41.7 steps/s = 2000 tok/s; bandwidth bound 50.0 steps/s = 2400 tok/s (400 MB",
+                   "bf16: FLOP bound 83.3 steps/s = 4000 tok/s; bandwidth bound 100.0 steps/s"):
+        assert needle in table
+
+
+def test_contention_help_parses(capsys):
+    from smolthink.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--contention", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--contention-threads" in out and "--contention-policies" in out
+    a = build_parser().parse_args(["bench", "--contention", "--contention-threads", "2,0"])
+    assert a.contention and a.contention_threads == "2,0"
+    words = bench.bench_argv(a)
+    assert "--contention" in words and not any(w.startswith("--contention=") for w in words)
+    assert build_parser().parse_args(["bench", *words]).contention
+
+
+def test_contention_children_get_the_policy_and_threads_and_a_spinner_when_busy(monkeypatch):
+    from smolthink.bench import contention
+
+    calls, spinners = [], []
+
+    class Spinner:
+        def __init__(self, cmd):
+            spinners.append(cmd)
+
+        def kill(self):
+            spinners.append("killed")
+
+        def wait(self):
+            pass
+
+    def fake_run(cmd, env, **_):
+        calls.append((cmd, env))
+        out = cmd[cmd.index("--child-out") + 1]
+        threads = int([w for w in cmd if w.startswith("--threads=")][-1].split("=")[1])
+        busy = bool(spinners) and spinners[-1] != "killed"
+        tok = 100.0 / (2 if busy else 1) * (threads or 1)
+        with open(out, "w") as f:
+            json.dump({"rollout_tok_s": tok, "train_tok_s": tok / 2, "threads_rollout": threads or 1,
+                       "threads_train": threads or 1}, f)
+        return type("P", (), {"returncode": 0, "stderr": "", "stdout": ""})()
+
+    monkeypatch.setattr(contention.subprocess, "Popen", Spinner)
+    monkeypatch.setattr(contention.subprocess, "run", fake_run)
+    monkeypatch.setattr(contention.time, "sleep", lambda s: None)
+    a = build_parser().parse_args(["bench", "--contention", "--reps", "1", "--contention-threads", "2,1",
+                                   "--contention-policies", "passive,default"])
+    res = contention.contention_bench(a, ["--threads=0"])
+    assert len(calls) == 2 * 2 * 2 and spinners.count("killed") == 4
+    assert spinners[0] == [sys.executable, "-c", "while True: pass"]
+    envs = [env for _, env in calls]
+    assert envs[0]["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in envs[0]
+    assert envs[-1]["GOMP_SPINCOUNT"] == "300000" and "OMP_WAIT_POLICY" not in envs[-1]
+    row = next(r for r in res["summary"] if (r["policy"], r["threads"]) == ("passive", 2))
+    assert row["rollout_tok_s"]["busy_over_quiet"] == pytest.approx(0.5)
+    assert row["rollout_tok_s"]["busy_over_best_quiet"] == pytest.approx(0.5)
+    one = next(r for r in res["summary"] if (r["policy"], r["threads"]) == ("passive", 1))
+    assert one["train_tok_s"]["busy_over_best_quiet"] == pytest.approx(0.25)
+    table = format_table({"machine": {}, "contention": res})
+    assert "(d) contention" in table and "passive" in table and "50%" in table

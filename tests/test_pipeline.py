@@ -49,6 +49,10 @@ def test_pipeline_smoke_and_stage_skipping(tmp_path, tiny_dir):
                     "## what changed between stages", "| sft → sft_control (equal-time sft) | 4 |",
                     "## where the rl budget went", "pass@2 / mean@2 on 2 held-out questions"):
         assert section in report.lower(), section
+    rss = json.loads((run / "rss.json").read_text())  # the RSS timeline: every stage that ran, and its phases
+    assert {"base_eval", "sft", "sft/train", "sft/eval", "grpo/rollout", "grpo/train", "report"} <= set(rss["phases"])
+    assert rss["phases"]["sft"]["peak_gb"] >= rss["phases"]["sft/train"]["peak_gb"] > 0
+    assert "## memory" in report.lower()
     pngs = list((run / "plots").glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     # a rerun skips every finished stage: nothing is rewritten

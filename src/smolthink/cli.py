@@ -277,8 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand -> its exit code. Every failure is one line on stderr (errors.run_reported:
     a traceback only with --debug), Ctrl-C exits 130, a run stopped by a signal 128 + its number."""
+    from .nativeenv import native_env
     from .log import setup_logging
 
+    native_env()  # before anything imports torch: the native libraries read it once
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     return run_reported(lambda: args.func(args), debug=args.debug)

@@ -14,6 +14,7 @@ from .chat import answer_label, extract_answer
 from .config import EvalConfig, RewardConfig
 from .rewards import score_completions
 from .rundir import write_json, write_jsonl
+from .runtime import between_phases
 from .seeds import derive_seed
 from .tasks import TaskSpec, majority_class, make_examples
 from .types import Example, RewardParts, SamplingParams
@@ -153,6 +154,7 @@ def evaluate(
                                 "length": len(r.completion_ids), "truncated": r.truncated})
         if progress:
             progress(len(batch))
+        between_phases()  # a batch's KV cache is gone: hand its pages back, re-check the load (a long eval)
     summary = summarize(examples, all_parts, all_comps, all_lens, all_trunc)
     summary["seconds"] = time.time() - t0
     summary["samples"] = [{k: r[k] for k in ("question", "completion", "answer", "gold", "correct", "format")}

@@ -37,8 +37,9 @@ from .errors import SmolthinkError, Stopped
 from .evaluate import Evaluator, eval_metrics, make_evaluator
 from .log import MetricsWriter, console, eval_table
 from .onednn import OneDNNLinears
+from .rss import process_peak_gb, rss_phase
 from .rundir import RunDir, atomic_write, discard, remove_leftovers
-from .runtime import make_optimizer, make_scheduler, peak_rss_gb, set_threads, trim_heap
+from .runtime import between_phases, make_optimizer, make_scheduler, set_threads
 from .tasks import TaskSpec, parse_tasks
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,11 @@ def run_eval(ctx: TrainContext, step: int) -> dict[str, Any]:
     its summary handed to every process."""
     def evaluate() -> dict[str, Any]:
         try:
-            return ctx.evaluator.run(ctx.model, ctx.run.eval(step), ctx.run.eval_completions(step),
-                                     {"step": step, "model": ctx.cfg.model or "embedded", "task": str(ctx.cfg.task)})
+            with rss_phase("eval"):
+                return ctx.evaluator.run(ctx.model, ctx.run.eval(step), ctx.run.eval_completions(step),
+                                         {"step": step, "model": ctx.cfg.model or "embedded", "task": str(ctx.cfg.task)})
         finally:
-            trim_heap()
+            between_phases()
     return parallel.from_main(evaluate)
 
 
@@ -184,8 +186,8 @@ class TrainingRun:
         row and print the console line with its ETA every log_every steps (process 0), stop after
         max_nonfinite_steps skipped steps in a row (SmolthinkError), checkpoint when due."""
         cfg = self.ctx.cfg
-        trim_heap()  # activations and merged weights are gone: hand their pages back
-        metrics.update({"perf/peak_rss_gb": peak_rss_gb(), "perf/step_s": time.time() - self.t_step})
+        between_phases()  # activations and merged weights are gone: hand their pages back
+        metrics.update({"perf/peak_rss_gb": process_peak_gb(), "perf/step_s": time.time() - self.t_step})
         if cfg.eval.every and step % cfg.eval.every == 0 and step < total and cfg.eval.n:
             metrics.update(eval_metrics(run_eval(self.ctx, step)))
         self.steps_timed += 1
@@ -234,7 +236,8 @@ class TrainingRun:
         """The final model (peft adapter + merged) and DONE."""
         from .models import save_final
 
-        save_final(self.ctx.accelerator.unwrap_model(self.ctx.model), self.ctx.tok, self.run.final)
+        with rss_phase("save_final"):
+            save_final(self.ctx.accelerator.unwrap_model(self.ctx.model), self.ctx.tok, self.run.final)
         log.info("final model: %s/merged (transformers) and %s/adapter (peft)", self.run.final, self.run.final)
         self.run.mark_done(time.time() - self.t_start, steps=step)
 

@@ -179,10 +179,20 @@ RUNNERS: dict[str, Callable[[PipelineConfig, PipelineDir], None]] = {
 
 def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
     """Run every unfinished stage in order -> {stage: seconds}; raises Stopped when a signal stopped a stage."""
-    from .runtime import set_threads, trim_heap
+    from .rss import rss_timeline
 
     pipe = PipelineDir(writable_dir(run, "run directory"))
     atomic_write(pipe.config, config_yaml(cfg))
+    with rss_timeline(pipe.rss) as timeline:
+        return _run_stages(cfg, pipe, timeline)
+
+
+def _run_stages(cfg: PipelineConfig, pipe: PipelineDir, timeline) -> dict[str, Any]:
+    """The stage loop of `run_pipeline`, each stage an RSS phase of `timeline` (rss.json rewritten after each, so
+    the report stage reads the stages before it)."""
+    from .rss import rss_phase
+    from .runtime import between_phases, set_threads
+
     set_threads(cfg.threads)
     timings = {}
     t_all = time.time()
@@ -196,10 +206,12 @@ def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
         log.info("[%d/%d] %s ... (pipeline elapsed %s)", i, len(PIPELINE_STAGES), stage,
                  fmt_duration(time.time() - t_all))
         t0 = time.time()
-        RUNNERS[stage](cfg, pipe)
+        with rss_phase(stage):
+            RUNNERS[stage](cfg, pipe)
         timings[stage] = time.time() - t0
         gc.collect()  # the stage's model, optimizer and engine caches, before the next stage loads its own
-        trim_heap()
+        between_phases()
+        timeline.write(pipe.rss)
         steps = (pipe.run(stage).done() or {}).get("steps") if stage in ("sft", "grpo", "sft_control") else None
         pipe.mark_done(stage, timings[stage], steps)
         log.info("[%d/%d] %s finished in %s", i, len(PIPELINE_STAGES), stage, fmt_duration(timings[stage]))

@@ -7,7 +7,7 @@ Stage run directory (`smolthink sft`, `smolthink train`, or a pipeline stage):
     eval/step_000010.json (+ .completions.jsonl)   samples/step_000010.jsonl   groups/step_000010.jsonl
     checkpoints/step_000010/   final/adapter/  final/merged/
 Pipeline run directory:
-    pipeline.yaml  timings.json  report.md  plots/
+    pipeline.yaml  timings.json  rss.json  report.md  plots/
     base_eval/eval.json (+ completions.jsonl)   data/traces.jsonl  data/stats.json
     sft/  grpo/  sft_control/  (stage run directories)   final_eval/eval.json (+ completions.jsonl)
     passk/{sft,grpo,sft_control}.json (+ .completions.jsonl)
@@ -299,6 +299,7 @@ class PipelineDir:
 
     config = property(lambda self: self.root / "pipeline.yaml", doc="the resolved pipeline config")
     timings = property(lambda self: self.root / "timings.json", doc="{stage: wall seconds} of finished stages")
+    rss = property(lambda self: self.root / "rss.json", doc="the last pipeline process's per-phase RSS timeline")
     report = property(lambda self: self.root / "report.md", doc="written by `smolthink report`")
     plots = property(lambda self: self.root / "plots", doc="the report's PNG plots")
     traces = property(lambda self: self.root / "data" / "traces.jsonl", doc="warm-up traces")

@@ -1,23 +1,53 @@
-"""Process set-up shared by every command: threads, policy + tokenizer, prompts, engine, scorer."""
+"""Process set-up shared by every command: threads, heap, policy + tokenizer, prompts, optimizer."""
 from __future__ import annotations
 
 import functools
-import os
+import logging
 from typing import Sequence
 
 import torch
 
 from .chat import build_messages, render_prompt
+from .cpuload import PROCESS_CLOCK, allowed_cpus, choose_threads
 from .types import Example
+
+log = logging.getLogger(__name__)
+
+_auto = False  # threads chosen automatically (`threads: 0`): `between_phases` re-checks them
 
 
 def set_threads(n: int = 0) -> int:
-    """Use n torch threads (0: every core this process may run on). Returns the number set."""
-    if n <= 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Use n torch threads, fixed; n = 0: automatic, as many as the cores other processes leave free
+    (`cpuload.choose_threads` on the load since the previous check), re-checked by `between_phases`. Logs the
+    choice and pins glibc's mmap threshold. Returns the number set."""
+    global _auto
+    cores = len(allowed_cpus())
+    _auto = n <= 0
+    if n > 0:
+        log.info("torch threads: %d (fixed; %d cores)", n, cores)
+    else:
+        load = PROCESS_CLOCK.other_load(wait=True)
+        n = choose_threads(cores, load)
+        log.info("torch threads: %d (auto: %d cores, other processes busy on %s of them)", n, cores,
+                 "?" if load is None else f"{load:.1f}")
     torch.set_num_threads(n)
     fixed_mmap_threshold()
     return n
+
+
+def between_phases() -> None:
+    """Between two phases (a rollout, an optimizer step, an eval, a pipeline stage): hand the heap's free pages
+    back (`trim_heap`) and, with automatic threads, re-check the load over the phase that just ended and change
+    the thread count when the cores other processes use changed (logged)."""
+    trim_heap()
+    if not _auto:
+        return
+    load = PROCESS_CLOCK.other_load()
+    n = choose_threads(len(PROCESS_CLOCK.cpus), load)
+    if load is not None and n != torch.get_num_threads():
+        log.info("torch threads %d -> %d: other processes kept %.1f of %d cores busy", torch.get_num_threads(), n,
+                 load, len(PROCESS_CLOCK.cpus))
+        torch.set_num_threads(n)
 
 
 def fixed_mmap_threshold(nbytes: int = 32 << 20) -> bool:
@@ -95,10 +125,3 @@ def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
         return 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process, GB."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

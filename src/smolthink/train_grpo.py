@@ -31,7 +31,8 @@ from .packing import Packing, fill_old_logprobs, make_packing
 from .questions import QuestionSource, make_source
 from .rewards import load_functions
 from .rundir import write_jsonl
-from .runtime import load_policy, trim_heap
+from .rss import rss_phase
+from .runtime import between_phases, load_policy
 from .seeds import derive_seed
 from .tasks import parse_tasks, train_eval_split
 
@@ -106,7 +107,7 @@ def fill_buffer(ctx: GRPOContext, state: LoopState, buffer: ExperienceBuffer, on
     optimizer steps, and compute old log-probs when more than one update follows -> rollout seconds."""
     fill_state = dataclasses.replace(state)
     fill = collect_experience(ctx, fill_state, derived_numbers(ctx.cfg)["rollouts_per_fill"])
-    trim_heap()  # the rollout's KV caches are gone: hand their pages back before training
+    between_phases()  # the rollout's KV caches are gone: hand their pages back before training
     buffer.clear()
     buffer.extend(fill.exps)
     state.rollouts, state.source = fill_state.rollouts, ctx.source.state_dict()
@@ -287,7 +288,8 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
     raises errors.Stopped when Ctrl-C / SIGTERM stopped it (a checkpoint is saved; continue with resume=True)."""
     with training_run(out_dir, resume) as tr:
         # ---- 1. set-up: data, policy, engine, scorer, optimizer ----
-        ctx = setup(cfg, tr.run)
+        with rss_phase("setup"):
+            ctx = setup(cfg, tr.run)
         d = derived_numbers(cfg)
         describe(cfg, d)
         # ---- 2. start or resume ----
@@ -296,9 +298,11 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
         tr.start(ctx, state.step, save=lambda: save(ctx, state, buffer))
         while state.step < cfg.max_steps and not tr.stopping:
             # ---- 3. experience: a new buffer fill when the planned steps are used up ----
-            rollout_s = fill_buffer(ctx, state, buffer, d["on_policy"]) if not state.plan else 0.0
+            with rss_phase("rollout"):
+                rollout_s = fill_buffer(ctx, state, buffer, d["on_policy"]) if not state.plan else 0.0
             # ---- 4. one optimizer step ----
-            m = optimizer_step(ctx, buffer, state.plan[0])
+            with rss_phase("train"):
+                m = optimizer_step(ctx, buffer, state.plan[0])
             state.plan.pop(0)
             state.step += 1
             # ---- 5. samples, groups (process 0), log, eval, checkpoint ----

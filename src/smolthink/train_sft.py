@@ -33,6 +33,7 @@ from .logprobs import token_logprobs
 from .packing import PaddedChunks
 from .rundir import RunDir, write_json
 from .models import file_sha256
+from .rss import rss_phase
 from .runtime import load_policy
 from .seeds import derive_seed
 
@@ -281,7 +282,8 @@ def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False,
     optimizer step (progress hooks, tests)."""
     with training_run(out_dir, resume) as tr:
         # ---- 1. set-up: eval set, traces, policy, optimizer ----
-        ctx = setup(cfg, tr.run, resume)
+        with rss_phase("setup"):
+            ctx = setup(cfg, tr.run, resume)
         describe(ctx)
         # ---- 2. start or resume ----
         state = restore(ctx, tr)
@@ -292,7 +294,8 @@ def train_sft(cfg: SFTConfig, out_dir: Path, resume: bool = False,
         budget = Budget(cfg.max_seconds, state.seconds)
         while state.step < ctx.total and not tr.stopping and not parallel.any_process(budget.spent()):
             # ---- 3. one optimizer step ----
-            m = optimizer_step(ctx, next_step(ctx, state))
+            with rss_phase("train"):
+                m = optimizer_step(ctx, next_step(ctx, state))
             state.pos += 1
             state.step += 1
             state.seconds = budget.elapsed()

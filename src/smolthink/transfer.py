@@ -32,7 +32,7 @@ def run_transfer(cfg: PipelineConfig, pipe: PipelineDir) -> None:
     from .evaluate import make_evaluator
     from .log import console, eval_table, progress_bar
     from .models import load_model
-    from .runtime import trim_heap
+    from .runtime import between_phases
     from .sandbox import Scorer
     from .tasks import parse_tasks
 
@@ -55,4 +55,4 @@ def run_transfer(cfg: PipelineConfig, pipe: PipelineDir) -> None:
             console.print(eval_table(summary, f"transfer: {label} model on {', '.join(tasks)}"))
             del model, tok, ev
             gc.collect()  # one model at a time
-            trim_heap()
+            between_phases()

@@ -34,7 +34,8 @@ def _child_trl(args) -> dict[str, Any]:
 
     from ..chat import build_messages
     from ..models import LORA_TARGETS, load_model
-    from ..runtime import peak_rss_gb, set_threads
+    from ..rss import process_peak_gb
+    from ..runtime import set_threads
 
     set_threads(args.threads)
     model, tok = load_model(args.model)
@@ -88,7 +89,7 @@ def _child_trl(args) -> dict[str, Any]:
         prep = sum(d for n, d in inside if n.endswith("_prepare_inputs"))
         per_step.append({"step": i + 1, "step_s": t1 - t0, "generate_s": gen, "rollout_s": prep,
                          "train_s": (t1 - t0) - prep})
-    return {"side": "trl", "version": trl.__version__, "per_step": per_step, "peak_rss_gb": peak_rss_gb(),
+    return {"side": "trl", "version": trl.__version__, "per_step": per_step, "peak_rss_gb": process_peak_gb(),
             "note": "rollout_s = GRPOTrainer._prepare_inputs (generation + rewards + log-prob bookkeeping); "
                     "train_s = step time - rollout_s"}
 
@@ -162,10 +163,9 @@ def grpo_bench(args, argv: Sequence[str]) -> dict[str, Any]:
     return res
 
 
-def run_child(args: argparse.Namespace) -> None:
-    """The child process of `grpo_bench`: run the GRPO side `args.child` and write its result to `args.child_out`."""
+def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    """The child process of `grpo_bench`: run the GRPO side `args.child` -> its result."""
     from ..runtime import set_threads
 
     set_threads(args.threads)
-    res = _child_trl(args) if args.child == "trl" else _child_smolthink(args)
-    Path(args.child_out).write_text(json.dumps(res))
+    return _child_trl(args) if args.child == "trl" else _child_smolthink(args)

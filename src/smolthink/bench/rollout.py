@@ -1,44 +1,12 @@
 """Part (b): rollouts at the recipe's shape, HF generate vs FastEngine, and a profile of one FastEngine step."""
 from __future__ import annotations
 
-import os
 import sys
-import threading
 import time
 from typing import Any
 
+from ..rss import rss_phase
 from .tables import summarize
-
-
-class RSSPeak:
-    """Peak resident memory of this process while the block runs (sampled every 20 ms), in GB."""
-
-    def __enter__(self):
-        self.peak = self.start = _rss_gb()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _rss_gb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss_gb())
-        return False
-
-
-def _rss_gb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
-    except OSError:  # not Linux
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def recipe_prompts(tok, n: int, seed: int) -> tuple[list[list[int]], list[dict]]:
@@ -70,7 +38,7 @@ def rollout_bench(args, model, tok, n_params: int, limit_gflops: float | None) -
     for rep in range(args.reps):
         for name, eng in engines.items():
             t_cpu, t0 = time.process_time(), time.perf_counter()
-            with RSSPeak() as mem:
+            with rss_phase(f"rollout/{name}") as mem:
                 out = eng.generate(model, prompts, args.group, sampling, seed=args.seed + rep)
             wall = time.perf_counter() - t0
             lens = [len(r.completion_ids) for g in out for r in g]
@@ -81,7 +49,8 @@ def rollout_bench(args, model, tok, n_params: int, limit_gflops: float | None) -
                    "rows": rows, "steps": steps,
                    "real_row_frac": sum(lens) / (rows * steps),
                    "truncated": sum(x >= args.max_new_tokens for x in lens),
-                   "ms_per_step": 1e3 * wall / steps, "rss_peak_gb": mem.peak, "rss_added_gb": mem.peak - mem.start}
+                   "ms_per_step": 1e3 * wall / steps, "rss_peak_gb": mem["peak_gb"],
+                   "rss_added_gb": mem["peak_gb"] - mem["start_gb"]}
             stats = getattr(eng, "last_stats", None)
             if stats:
                 run["phases"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}

@@ -54,6 +54,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [_machine_line(results.get("machine", {}))]
     if results.get("gemm"):
         lines += _gemm_lines(results["gemm"], results.get("model", {}))
+    lines += _decode_bound_lines(results.get("bandwidth"), results.get("decode_bounds"))
     if results.get("rollout"):
         lines += _rollout_lines(results["rollout"])
     if results.get("fast_step_profile"):
@@ -62,6 +63,13 @@ def format_table(results: dict[str, Any]) -> str:
         lines += _grpo_lines(results["grpo"])
     if results.get("training_flops"):
         lines += _training_flops_lines(results["training_flops"])
+    if results.get("contention"):
+        lines += _contention_lines(results["contention"])
+    if results.get("rss"):
+        from ..rss import peak_table
+
+        lines += ["RSS per phase of this process (GB; the GRPO sides' own peaks are above)"]
+        lines += peak_table(results["rss"])
     return "\n".join(lines)
 
 
@@ -71,17 +79,49 @@ def _machine_line(m: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v))
 
 
+GEMM_ROWS = {"mkl": "MKL fp32", "onednn": "oneDNN fp32 packed", "onednn_plain": "oneDNN fp32 plain",
+             "bf16_plain": "oneDNN bf16 plain", "bf16_packed": "oneDNN bf16 packed"}
+
+
 def _gemm_lines(g: dict[str, Any], model: dict[str, Any]) -> list[str]:
-    lines = ["(a) fp32 GEMM GFLOP/s, x[M,576] @ W[576,1536]   median [min-max]"]
-    for key in ("mkl_m48", "onednn_m48", "mkl_m2048", "onednn_m2048", "onednn_m48_streamed"):
-        if key in g:
-            lib, rows = key.split("_m", 1)
-            note = "  (weights streamed from RAM, as in a forward)" if rows.endswith("streamed") else ""
-            lines.append(f"    {lib:7s} M={rows.split('_')[0]:5s} {_fmt(g[key])}{note}")
+    lines = ["(a) GEMM GFLOP/s, x[M,576] @ W[576,1536]   median [min-max]"]
+    row_counts = sorted({int(k.rsplit("_m", 1)[1]) for k in g if k.rsplit("_m", 1)[-1].isdigit()})
+    for M in row_counts:
+        for name, label in GEMM_ROWS.items():
+            if f"{name}_m{M}" in g:
+                lines.append(f"    {label:19s} M={M:<5d} {_fmt(g[f'{name}_m{M}'])}")
+        if g.get(f"limit_bf16_gflops_{M}") and g.get(f"limit_gflops_{M}"):
+            ratio = g[f"limit_bf16_gflops_{M}"] / g[f"limit_gflops_{M}"]
+            lines.append(f"    best bf16 / best fp32 at M={M}: {ratio:.2f}x")
+    for key in (k for k in g if k.endswith("_streamed")):
+        lines.append(f"    {'oneDNN fp32 packed':19s} M={key.split('_m')[1].split('_')[0]:5s} {_fmt(g[key])}"
+                     f"  (weights streamed from RAM, as in a forward)")
     lim = f"{g['limit_gflops_48']:.0f} GFLOP/s at 48 rows"
     if model.get("decode_limit_tok_s"):
         lim += f" -> decode limit {model['decode_limit_tok_s']:.0f} tok/s ({model['n_params'] / 1e6:.1f}M params)"
-    lines.append(f"    limit used below: {lim}")
+    lines.append(f"    fp32 limit used below: {lim}")
+    return lines
+
+
+def _decode_bound_lines(bw: dict[str, Any] | None, db: dict[str, Any] | None) -> list[str]:
+    lines = []
+    if bw:
+        lines.append(f"    memory bandwidth, streaming copy of {bw['buffer_mb']:.0f} MB (read + write): "
+                     f"{_fmt(bw['copy_gb_s'])} GB/s")
+    if db:
+        lines.append(f"    decode limit at {db['rows']} rows, {db['n_params'] / 1e6:.1f}M params (steps/s and tok/s):")
+        for prec in ("fp32", "bf16"):
+            b = db[prec]
+            parts = []
+            if "flop_steps_s" in b:
+                parts.append(f"FLOP bound {b['flop_steps_s']:.1f} steps/s = {b['flop_tok_s']:.0f} tok/s")
+            if "bandwidth_steps_s" in b:
+                parts.append(f"bandwidth bound {b['bandwidth_steps_s']:.1f} steps/s = {b['bandwidth_tok_s']:.0f} tok/s "
+                             f"({b['weight_bytes_per_step'] / 1e6:.0f} MB of weights per step)")
+            if "kv_bytes_per_step" in b:
+                parts.append(f"the KV cache adds {b['kv_bytes_per_step'] / 1e6:.0f} MB per step at "
+                             f"{db['context']} tokens of context")
+            lines.append(f"      {prec}: " + "; ".join(parts))
     return lines
 
 
@@ -145,4 +185,29 @@ def _training_flops_lines(tf: dict[str, Any]) -> list[str]:
                      f"{tf['flops_per_token'] / 1e9:.2f} GFLOP/token = {tf[name + 'gflops']:.0f} GFLOP/s = "
                      f"{tf[name + 'pct_limit']:.0f}% of the GEMM limit at 2048 rows "
                      f"({tf['limit_gflops_2048']:.0f} GFLOP/s{mkl})")
+    return lines
+
+
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _contention_lines(c: dict[str, Any]) -> list[str]:
+    sh = c["shape"]
+    lines = [f"(d) contention: quiet vs one `{c['spinner']}` process beside it; rollout {sh['prompts']} x "
+             f"{sh['group']}, <= {sh['max_new_tokens']} new tokens; training {sh['train_chunk']}",
+             f"    {'policy':8s} {'threads':>7s} {'rollout tok/s quiet':>20s} {'busy':>18s} {'busy/quiet':>10s} "
+             f"{'/best':>6s} {'train tok/s quiet':>18s} {'busy':>18s} {'busy/quiet':>10s} {'/best':>6s}  used (busy)"]
+    for row in c["summary"]:
+        cells = []
+        for k in ("rollout_tok_s", "train_tok_s"):
+            v = row[k]
+            cells.append(f"{_fmt(v['quiet'], 0):>18s} {_fmt(v['busy'], 0):>18s} {_ratio(v['busy_over_quiet']):>10s} "
+                         f"{_ratio(v['busy_over_best_quiet']):>6s}")
+        name = "auto" if row["threads"] == 0 else str(row["threads"])
+        used = ", ".join(f"{a}/{b}" for a, b in row["threads_used_busy"])
+        lines.append(f"    {row['policy']:8s} {name:>7s}   {cells[0]} {cells[1]}  {used}")
+    errors = [r for r in c["runs"] if "error" in r]
+    if errors:
+        lines.append(f"    {len(errors)} child run(s) failed, e.g. {errors[0]['error']}")
     return lines

@@ -43,6 +43,7 @@ class ReportContext:
     control: EvalRow | None = None  # the equal-time SFT-only control's last eval (sft_control/)
     passk: dict[str, dict[str, Any]] = field(default_factory=dict)  # passk/<stage>.json by stage (sft, grpo, ...)
     transfer: dict[str, EvalPoint] = field(default_factory=dict)  # "base" / "final" on the transfer tasks
+    rss: dict[str, Any] | None = None  # rss.json: the pipeline process's per-phase RSS timeline
     dists: dict[str, AnswerDist | None] = field(init=False)  # row label -> predicted answer distribution
     task: str | None = field(init=False)
     model: Any = field(init=False)  # None: the embedded default model
@@ -99,12 +100,14 @@ def _gather_pipeline(pipe: PipelineDir) -> ReportContext:
     stats = read_json(pipe.data_stats)
     control = by_name.get("sft_control")
     passk = {name: read_json(pipe.passk(name)) for name in ("sft", "grpo", "sft_control")}
+    rss = read_json(pipe.rss)
     return ReportContext(run=pipe.root, pipeline=True, config=config, stages=stages, rows=rows,
                          missing=[f"`{name}/`: {st}" for name, st in status.items() if st not in ("done", "off")],
                          wall_times=wall_times, status=status, stage_evals=stage_evals, timings=timings,
                          data_stats=stats if isinstance(stats, dict) else None,
                          control=EvalRow(CONTROL_LABEL, control.evals[-1]) if control and control.evals else None,
-                         passk={k: v for k, v in passk.items() if isinstance(v, dict)}, transfer=load_transfer(pipe))
+                         passk={k: v for k, v in passk.items() if isinstance(v, dict)}, transfer=load_transfer(pipe),
+                         rss=rss if isinstance(rss, dict) else None)
 
 
 def _gather_single(run: RunDir) -> ReportContext:

@@ -8,6 +8,7 @@ from ..rundir import PipelineDir, atomic_write
 from .breakdown import per_task_section, transfer_section
 from .context import ReportContext, gather
 from .flips import flips_section
+from .memory import memory_section
 from .rl import budget_section, control_section
 from .sections import (answers_section, before_after_section, header_section, plots_section, samples_section,
                        stages_section, summary_section)
@@ -25,6 +26,7 @@ SECTIONS: list[Callable[[ReportContext], list[str]]] = [
     flips_section,
     answers_section,
     budget_section,
+    memory_section,
     plots_section,
     samples_section,
 ]
