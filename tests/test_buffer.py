@@ -199,9 +199,10 @@ def test_collate_shared_masks_from_lengths_and_one_prompt_only():
     buf, data = make_buffer()
     buf.add(Experience([5, 6, 7], [EOS], torch.tensor([-1.5]), 3.0, 0.0))
     b = buf.collate_shared([0, 4], pad_id=EOS)
-    assert b.prompt_ids.tolist() == [[5, 6, 7]]
-    assert b.completion_ids.tolist() == [[8, 9, EOS], [EOS, EOS, EOS]]
+    assert b.prefix_ids.tolist() == [[5, 6, 7]]
+    assert b.input_ids.tolist() == [[8, 9, EOS], [EOS, EOS, EOS]]
     assert b.completion_mask.tolist() == [[1, 1, 1], [1, 0, 0]]  # the real EOS is in, the padding out
+    assert b.attention_mask.tolist() == b.completion_mask.tolist() and b.prompt_lens == [0, 0]
     assert b.old_logp.tolist() == [[-5.0, -4.0, -3.0], [-1.5, 0.0, 0.0]]
     assert b.advantages.tolist() == [0.0, 3.0] and b.completion_lens == [3, 1]
     with pytest.raises(ValueError, match="share one prompt"):
@@ -236,3 +237,50 @@ def test_engine_logp_is_padded_like_old_logp_and_survives_a_checkpoint():
     buf.items[1].engine_logp = torch.zeros(4)  # its completion has 1 token
     with pytest.raises(ValueError, match="engine_logp of item 1"):
         buf.collate([0, 1], pad_id=EOS)
+
+
+def test_collate_shared_on_a_common_prefix_keeps_each_prompts_rest_unscored():
+    """SFT layout: the rows share a prompt prefix and go on with their own prompt tokens, then the completion;
+    the rest is attended to (attention_mask) but only the completion scored (completion_mask, old_logp)."""
+    buf = ExperienceBuffer()
+    for p, c in (([5, 6, 7, 8], [9, EOS]), ([5, 6, 3], [4, 4, EOS]), ([5, 6], [EOS])):
+        buf.add(Experience(p, c, torch.arange(len(c), dtype=torch.float32) - 5, 0.0, 0.0))
+    idx = [0, 1, 2]
+    assert buf.common_prefix_len(idx) == 2 and buf.common_prefix_len([0, 1]) == 2
+    assert buf.common_prefix_len([0]) == 4 and buf.common_prefix_len([0, 0]) == 4  # never past a prompt
+    b = buf.collate_shared(idx, pad_id=EOS, prefix_len=2)
+    assert b.prefix_ids.tolist() == [[5, 6]]
+    assert b.input_ids.tolist() == [[7, 8, 9, EOS], [3, 4, 4, EOS], [EOS, EOS, EOS, EOS]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert b.completion_mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [1, 0, 0, 0]]
+    assert b.old_logp.tolist() == [[0, 0, -5, -4], [0, -5, -4, -3], [-5, 0, 0, 0]]
+    assert b.prompt_lens == [2, 1, 0] and b.completion_lens == [2, 3, 1]
+    # the same sequences as collate's, the prefix split off
+    full = buf.collate(idx, pad_id=EOS)
+    assert torch.equal(torch.cat([b.prefix_ids.expand(3, -1), b.input_ids], 1), full.input_ids)
+    assert torch.equal(b.completion_mask, full.completion_mask[:, 2:])
+    for bad in (0, 3):  # nothing to share; more than the rows share
+        with pytest.raises(ValueError, match="share one prompt prefix"):
+            buf.collate_shared(idx, pad_id=EOS, prefix_len=bad)
+
+
+def test_prefix_chunks_sort_by_length_within_the_budget():
+    buf = ExperienceBuffer()
+    lens = [30, 5, 12, 40, 8, 20]
+    for k, n in enumerate(lens):
+        buf.add(Experience([1, 2, 3, 4, 5, 6, 7, 8, 9, 10] + [100 + k], [7] * n, None, 0.0, 0.0))
+    idx = list(range(len(lens)))
+    assert buf.prefix_chunks([], 100) == []
+    p = buf.common_prefix_len(idx)
+    assert p == 10
+    rest = lambda c: max(buf.seq_len(i) for i in c) - p  # rows restart after the common prefix
+    # no limit: a short prefix costs less to re-run than padding, so the long rows go alone:
+    # (10 + 3 x 13) + (10 + 21) + (10 + 31) + (10 + 41) = 172 < 10 + 6 x 41 = 256
+    assert buf.prefix_chunks(idx, 0) == [[1, 4, 2], [5], [0], [3]]
+    for budget in (1, 40, 60, 100, 1000):
+        chunks = buf.prefix_chunks(idx, budget)
+        assert sorted(i for c in chunks for i in c) == idx  # every item once
+        assert [i for c in chunks for i in c] == sorted(idx, key=buf.seq_len)  # sorted by length
+        for c in chunks:
+            assert len(c) == 1 or p + len(c) * rest(c) <= budget
+    assert buf.prefix_chunks(idx, 1) == [[i] for i in sorted(idx, key=buf.seq_len)]

@@ -127,24 +127,29 @@ def test_empty_completion_mask_and_bad_chunk():
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_shared_prompt_matches_the_concatenated_sequences(lora):
-    """One prompt + three completions of different lengths, the prompt run once on a KV cache: the same
-    log-probs, entropies and gradients as token_logprobs on the three full sequences."""
+@pytest.mark.parametrize("tails", [[[], [], []], [[13, 21], [], [14, 15, 16]]], ids=["group", "prefix"])
+def test_shared_prompt_matches_the_concatenated_sequences(lora, tails):
+    """One prefix + three rows of different lengths, the prefix run once on a KV cache: the same log-probs,
+    entropies and gradients as token_logprobs on the three full sequences. "group": every row's prompt is the
+    prefix (GRPO); "prefix": rows continue their prompt after it (SFT), those tokens attended to but not scored."""
     from smolthink.logprobs import shared_prompt_logprobs
 
     model = tiny_lora() if lora else tiny()
-    prompt = [1, 5, 9, 13, 21]
+    prefix = [1, 5, 9, 13, 21]
     comps = [[30, 31, EOS], [40, EOS], [50, 51, 52, 53, EOS]]
-    n, p, c = len(comps), len(prompt), max(map(len, comps))
+    rests = [t + c for t, c in zip(tails, comps)]
+    n, p, c = len(comps), len(prefix), max(map(len, rests))
     ids = torch.full((n, p + c), EOS)
     attn, full_comp = torch.zeros(n, p + c, dtype=torch.long), torch.zeros(n, p + c, dtype=torch.long)
-    cids, cmask = torch.full((n, c), EOS), torch.zeros(n, c, dtype=torch.long)
-    for r, comp in enumerate(comps):
-        ids[r, : p + len(comp)] = torch.tensor(prompt + comp)
-        attn[r, : p + len(comp)] = 1
-        full_comp[r, p : p + len(comp)] = 1
-        cids[r, : len(comp)] = torch.tensor(comp)
-        cmask[r, : len(comp)] = 1
+    rids = torch.full((n, c), EOS)
+    rattn, cmask = torch.zeros(n, c, dtype=torch.long), torch.zeros(n, c, dtype=torch.long)
+    for r, (tail, comp, rest) in enumerate(zip(tails, comps, rests)):
+        ids[r, : p + len(rest)] = torch.tensor(prefix + rest)
+        attn[r, : p + len(rest)] = 1
+        full_comp[r, p + len(tail) : p + len(rest)] = 1
+        rids[r, : len(rest)] = torch.tensor(rest)
+        rattn[r, : len(rest)] = 1
+        cmask[r, len(tail) : len(rest)] = 1
     params = [q for q in model.parameters() if q.requires_grad]
 
     def run(fn):
@@ -155,12 +160,21 @@ def test_shared_prompt_matches_the_concatenated_sequences(lora):
         return lp.detach(), ent.detach(), [q.grad.clone() for q in params]
 
     lp, ent, g = run(lambda: token_logprobs(model, ids, attn, full_comp, temperature=0.7, with_entropy=True))
-    slp, sent, sg = run(lambda: shared_prompt_logprobs(model, torch.tensor([prompt]), cids, cmask,
+    slp, sent, sg = run(lambda: shared_prompt_logprobs(model, torch.tensor([prefix]), rids, rattn, cmask,
                                                        temperature=0.7, with_entropy=True))
     assert torch.allclose(slp, lp[:, p:], atol=1e-5) and torch.allclose(sent, ent[:, p:], atol=1e-5)
     assert (slp[cmask == 0] == 0).all() and (slp[cmask == 1] < 0).all()
     for a, b in zip(sg, g):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_needs_a_prefix():
+    from smolthink.logprobs import shared_prompt_logprobs
+
+    ids = torch.tensor([[30, EOS]])
+    with pytest.raises(ValueError, match="P >= 1"):
+        shared_prompt_logprobs(tiny(), torch.zeros(1, 0, dtype=torch.long), ids, torch.ones_like(ids),
+                               torch.ones_like(ids))
 
 
 def test_entropy_without_grad_has_the_same_values():

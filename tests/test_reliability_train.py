@@ -70,8 +70,8 @@ def nan_loss_during(monkeypatch, steps):
 
     real, current = sft.sft_loss, {"step": 1}
 
-    def loss(model, batch, n_tokens_total):
-        value, n = real(model, batch, n_tokens_total)
+    def loss(model, packing, batch, n_tokens_total):
+        value, n = real(model, packing, batch, n_tokens_total)
         return (value * float("nan") if current["step"] in steps else value), n
 
     monkeypatch.setattr(sft, "sft_loss", loss)

@@ -150,6 +150,7 @@ def test_accumulated_gradient_equals_the_big_batch(tiny_lm, tiny_tokenizer, trac
     """Loss normalised by the whole step's assistant tokens: 2 micro-batches of 2 == 1 batch of 4 (gradients)."""
     from smolthink.buffer import ExperienceBuffer
     from smolthink.data import load_traces
+    from smolthink.packing import PaddedChunks
     from smolthink.train_sft import sft_loss
 
     exps, _ = build_experiences(tiny_tokenizer, load_traces(traces)[:4], max_length=1024)
@@ -158,11 +159,81 @@ def test_accumulated_gradient_equals_the_big_batch(tiny_lm, tiny_tokenizer, trac
     n_tok = sum(len(e.completion_ids) for e in exps)
     params = [p for p in tiny_lm.parameters() if p.requires_grad]
 
+    padded = PaddedChunks(0, tiny_tokenizer.pad_token_id)
+
     def grads(groups):
         tiny_lm.zero_grad(set_to_none=True)
         for g in groups:
-            sft_loss(tiny_lm, buf.collate(g, tiny_tokenizer.pad_token_id), n_tok)[0].backward()
+            sft_loss(tiny_lm, padded, buf.collate(g, tiny_tokenizer.pad_token_id), n_tok)[0].backward()
         return [p.grad.clone() for p in params]
 
     big, small = grads([[0, 1, 2, 3]]), grads([[0, 1], [2, 3]])
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(big, small))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_shared_prefix_keeps_the_loss_and_gradients(tiny_lm, tiny_tokenizer, traces, lora):
+    """Real chat-templated traces, each chunk's common prompt prefix (the system turn and the user turn's opening)
+    run once into a KV cache and the rest of each trace on top: the same loss and gradients (LoRA A and B, or
+    every weight) as the whole sequences in one batch, in one chunk or accumulated over several."""
+    from smolthink.buffer import ExperienceBuffer
+    from smolthink.data import load_traces
+    from smolthink.models import attach_lora
+    from smolthink.packing import PaddedChunks, SharedChunks
+    from smolthink.train_sft import sft_loss
+
+    exps, _ = build_experiences(tiny_tokenizer, load_traces(traces), max_length=1024)
+    buf = ExperienceBuffer()
+    buf.extend(exps)
+    idx = list(range(len(exps)))
+    p = buf.common_prefix_len(idx)
+    assert SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n" in tiny_tokenizer.decode(exps[0].prompt_ids[:p])
+    model = tiny_lm
+    if lora:
+        model = attach_lora(tiny_lm, r=4, alpha=8)
+        with torch.no_grad():  # lora_B starts at 0, which would leave lora_A without a gradient
+            for name, q in model.named_parameters():
+                if "lora_B" in name:
+                    q.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    named = [(name, q) for name, q in model.named_parameters() if q.requires_grad]
+    assert any("lora_A" in name for name, _ in named) == lora
+    n_tok = sum(len(e.completion_ids) for e in exps)
+
+    def step(packing, minibatches):
+        model.zero_grad(set_to_none=True)
+        total, chunks = 0.0, packing.chunks(buf, minibatches)
+        for c in chunks:
+            loss, _ = sft_loss(model, packing, packing.collate(buf, c, "cpu"), n_tok)
+            loss.backward()
+            total += loss.item()
+        return total, len(chunks), [q.grad.clone() for _, q in named]
+
+    loss, n_chunks, grads = step(PaddedChunks(0, tiny_tokenizer.pad_token_id), [idx])
+    assert n_chunks == 1
+    # (budget, minibatches, chunks): one chunk; one row per chunk; a budget that cuts the batch (None: > 1 chunk);
+    # two minibatches accumulated
+    for budget, minibatches, want in ((0, [idx], 1), (1, [idx], len(idx)), (600, [idx], None),
+                                      (0, [idx[:5], idx[5:]], 2)):
+        s_loss, s_chunks, s_grads = step(SharedChunks(budget, tiny_tokenizer.pad_token_id, by_prompt=False),
+                                         minibatches)
+        assert (s_chunks == want) if want else (s_chunks > 1), (budget, s_chunks)
+        assert abs(s_loss - loss) <= 1e-5 * loss, (budget, s_loss, loss)
+        for (name, _), a, b in zip(named, s_grads, grads):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), (budget, name, (a - b).abs().max())
+
+
+def test_share_prefix_keeps_the_steps(tmp_path, tiny_dir, traces):
+    """share_prefix on and off train the same steps (allclose); on, the step computes fewer tokens than the
+    traces hold (the common prefix once per chunk)."""
+    rows = {}
+    for share in (True, False):
+        out = tmp_path / str(share)
+        train_sft(cfg_for(tiny_dir, traces, max_steps=3, learning_rate=1e-3, max_tokens_per_forward=600,
+                          share_prefix=share), out)
+        rows[share] = metrics(out)
+    assert len(rows[True]) == 3
+    for a, b in zip(rows[True], rows[False]):
+        for k in ("loss/sft", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(b[k])), (k, a, b)
+        assert a["perf/train_computed_tok_s"] < 0.8 * a["perf/train_tok_s"]
+        assert b["perf/train_computed_tok_s"] == b["perf/train_tok_s"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -52,29 +53,34 @@ class Batch:
 
 @dataclass
 class SharedBatch:
-    """n completions of one prompt (see `logprobs.shared_prompt_logprobs`), right-padded to C = the longest.
-    Tensors are [n, C] over completion positions only, so a loss written for Batch (logp, old_logp, mask of
+    """n sequences that start with one prefix (see `logprobs.shared_prompt_logprobs`): the prefix once, then each
+    row's remaining tokens (the rest of its prompt, then its completion), right-padded to C = the longest. Tensors
+    are [n, C] over the remaining positions only, so a loss written for Batch (logp, old_logp, completion mask of
     the same shape) applies unchanged."""
 
-    prompt_ids: Tensor  # [1, P]
-    completion_ids: Tensor  # [n, C]
-    completion_mask: Tensor  # [n, C] 1 on completion tokens (final EOS included), from the lengths
-    old_logp: Tensor | None  # [n, C] float32, 0 on padding
+    prefix_ids: Tensor  # [1, P] the prompt tokens every row starts with (a GRPO group: the whole prompt)
+    input_ids: Tensor  # [n, C] the rest of the prompt + completion, then padding
+    attention_mask: Tensor  # [n, C] 1 on real tokens
+    completion_mask: Tensor  # [n, C] 1 exactly on completion tokens (final EOS included)
+    old_logp: Tensor | None  # [n, C] float32, 0 off completion
     advantages: Tensor  # [n]
+    prompt_lens: list[int]  # each row's prompt tokens after the prefix (0 when the prefix is its whole prompt)
     completion_lens: list[int]
     engine_logp: Tensor | None = None  # [n, C] float32 like old_logp, the rollout engine's log-probs
 
     def to(self, device) -> "SharedBatch":
         """The same batch on another device."""
         move = lambda t: t.to(device) if t is not None else None
-        return SharedBatch(move(self.prompt_ids), move(self.completion_ids), move(self.completion_mask),
-                           move(self.old_logp), move(self.advantages), self.completion_lens, move(self.engine_logp))
+        return SharedBatch(move(self.prefix_ids), move(self.input_ids), move(self.attention_mask),
+                           move(self.completion_mask), move(self.old_logp), move(self.advantages), self.prompt_lens,
+                           self.completion_lens, move(self.engine_logp))
 
 
 def _cheapest_cuts(prompt_len: int, lens: list[int], max_tokens: int) -> list[tuple[int, int]]:
-    """Split ascending completion lengths into contiguous runs [a, b) minimising the sum of
-    prompt_len + (b - a) * lens[b - 1] (computed tokens, padding included), each run within max_tokens unless it
-    is a single row (0: no limit). Dynamic programming over the cut points, O(len(lens)^2)."""
+    """Split ascending lengths of rows that follow one shared prefix of prompt_len tokens into contiguous runs
+    [a, b) minimising the sum of prompt_len + (b - a) * lens[b - 1] (computed tokens, padding included), each run
+    within max_tokens unless it is a single row (0: no limit). Dynamic programming over the cut points,
+    O(len(lens)^2)."""
     n = len(lens)
     best = [0.0] + [float("inf")] * n  # best[b]: cheapest cost of the first b rows
     cut = [0] * (n + 1)
@@ -167,26 +173,33 @@ class ExperienceBuffer:
             chunks += [members[a:b] for a, b in _cheapest_cuts(len(prompt), lens, max_tokens)]
         return chunks
 
-    def collate_shared(self, indices: list[int], pad_id: int) -> SharedBatch:
-        """The given items, which must share one prompt, as a SharedBatch (masks from the stored lengths)."""
-        if not indices:
-            raise ValueError("collate_shared needs at least one index")
-        items = [self.items[i] for i in indices]
-        prompt = items[0].prompt_ids
-        if any(e.prompt_ids != prompt for e in items[1:]):
-            raise ValueError("collate_shared: the items do not share one prompt")
-        c_lens = [len(e.completion_ids) for e in items]
-        n, width = len(items), max(c_lens)
-        ids = torch.full((n, width), pad_id, dtype=torch.long)
-        cmask = torch.zeros((n, width), dtype=torch.long)
-        for r, (e, c) in enumerate(zip(items, c_lens)):
-            ids[r, :c] = torch.tensor(e.completion_ids, dtype=torch.long)
-            cmask[r, :c] = 1
-        adv = torch.tensor([e.advantage for e in items], dtype=torch.float32)
-        starts = [0] * n
-        return SharedBatch(torch.tensor([prompt], dtype=torch.long), ids, cmask,
-                           self._token_rows(items, indices, "old_logp", width, starts), adv, c_lens,
-                           self._token_rows(items, indices, "engine_logp", width, starts))
+    def prefix_chunks(self, indices: list[int], max_tokens: int) -> list[list[int]]:
+        """Cut one micro-batch into chunks that each run as one `SharedBatch` on their common prompt prefix (SFT:
+        the chat template's system turn). Items are sorted by length; a chunk computes P + rows x its longest
+        remainder tokens (padding included; P = the micro-batch's common prefix, which bounds each chunk's cost
+        from above, as a chunk's own prefix can only be longer); the cut minimises the total with every chunk at
+        most max_tokens (a single row may exceed it; 0: no limit), as `prompt_chunks` does within a group."""
+        order = sorted(indices, key=self.seq_len)
+        p = self.common_prefix_len(order) if order else 0
+        return [order[a:b] for a, b in _cheapest_cuts(p, [self.seq_len(i) - p for i in order], max_tokens)]
+
+    def common_prefix_len(self, indices) -> int:
+        """Length of the longest common prefix of the items' prompts (at most the shortest prompt)."""
+        # commonprefix compares any sequences element-wise, not only strings
+        return len(os.path.commonprefix([self.items[i].prompt_ids for i in indices]))
+
+    def collate_shared(self, indices: list[int], pad_id: int, prefix_len: int | None = None) -> SharedBatch:
+        """The given items as a SharedBatch on their first `prefix_len` prompt tokens, which they must share (None:
+        the first item's whole prompt, a GRPO group's); masks from the stored lengths, as in `collate`."""
+        b = self.collate(indices, pad_id)  # [n, T]; the shared prefix is real in every row
+        p = b.prompt_lens[0] if prefix_len is None else prefix_len
+        prefix = b.input_ids[:, :p]  # [n, P]
+        if not 0 < p <= min(b.prompt_lens) or (prefix != prefix[:1]).any():
+            raise ValueError(f"collate_shared: the items do not share one prompt prefix of {p} tokens")
+        rest = lambda t: t[:, p:] if t is not None else None  # [n, T - P]
+        return SharedBatch(prefix[:1], rest(b.input_ids), rest(b.attention_mask), rest(b.completion_mask),
+                           rest(b.old_logp), b.advantages, [q - p for q in b.prompt_lens], b.completion_lens,
+                           rest(b.engine_logp))
 
     @staticmethod
     def _token_rows(items: list[Experience], indices: list[int], attr: str, width: int,

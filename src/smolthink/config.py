@@ -226,6 +226,9 @@ class SFTConfig(StageConfig):
     log_every: int = opt(5, "console line every N steps", ge=1)
     max_seconds: float = opt(0.0, "stop after this many seconds of training, checked between optimizer steps "
                                   "(0: no limit)", ge=0)
+    share_prefix: bool = opt(True, "training forwards run the common prompt prefix of each chunk's traces (the chat "
+                                   "template's system turn) once and the rest of each on its KV cache; same loss "
+                                   "and gradient; off under gradient_checkpointing")
 
 
 @dataclass

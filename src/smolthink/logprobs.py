@@ -97,43 +97,48 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, completion_
                           entropy_grad)
 
 
-def shared_prompt_logprobs(model, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                           temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
-                           entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Per-token log-probs of n completions of ONE prompt, the prompt run once -> (logp [n, C], entropy [n, C]
-    or None), the same values as `token_logprobs` on the n concatenated sequences (up to summation order).
+def shared_prompt_logprobs(model, prefix_ids: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                           completion_mask: Tensor, temperature: float = 1.0, chunk_size: int = 1024,
+                           with_entropy: bool = False, entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs of n sequences that start with ONE prefix, the prefix run once -> (logp [n, C],
+    entropy [n, C] or None), the same values as `token_logprobs` on the n whole sequences (up to summation order).
 
-    prompt_ids: [1, P]; completion_ids, completion_mask: [n, C], right-padded (mask from lengths). The prompt's
-    forward fills a KV cache (its keys and values stay in the autograd graph), the cache is repeated n times
-    and the completions run on top of it at positions P..P+C-1; completion token 0 is predicted from the
-    prompt's last hidden state, token j from completion position j - 1. Gradients reach the prompt's
-    activations from every completion, summed: G samples of a GRPO group cost P + G C tokens of compute
-    instead of G (P + C). Needs a model whose forward fills a `DynamicCache` (no gradient checkpointing).
+    prefix_ids: [1, P], P >= 1; input_ids, attention_mask, completion_mask: [n, C], each row's tokens after the
+    prefix, right-padded, masks from lengths: attention_mask 1 on real tokens, completion_mask 1 on the tokens to
+    score (a subset of them). A GRPO group: the prefix is its prompt, the rest its completions (both masks equal);
+    SFT: the prefix is the chat template's system turn, the rest each question then its scored answer. The
+    prefix's forward fills a KV cache (its keys and values stay in the autograd graph), the cache is repeated n
+    times and the rest runs on top of it at positions P..P+C-1; token 0 after the prefix is predicted from the
+    prefix's last hidden state, token j from position j - 1. Gradients reach the prefix's activations from every
+    row, summed: n rows cost P + n C tokens of compute instead of n (P + C). Needs a model whose forward fills a
+    `DynamicCache` (no gradient checkpointing).
     """
     from transformers.cache_utils import DynamicCache
 
-    if completion_ids.shape != completion_mask.shape or prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
-        raise ValueError("prompt_ids must be [1, P] and completion_ids / completion_mask share one [n, C] shape")
+    if prefix_ids.dim() != 2 or prefix_ids.shape[0] != 1 or prefix_ids.shape[1] < 1:
+        raise ValueError("prefix_ids must be [1, P] with P >= 1")
+    if not input_ids.shape == attention_mask.shape == completion_mask.shape:
+        raise ValueError("input_ids, attention_mask and completion_mask must share one [n, C] shape")
     body, head = split_body_head(model)
-    n, c = completion_ids.shape
-    p = prompt_ids.shape[1]
-    device = completion_ids.device
+    n, c = input_ids.shape
+    p = prefix_ids.shape[1]
+    device = input_ids.device
     cache = DynamicCache(config=getattr(body, "config", None))
     # transformers 5 names the argument `cache` (`past_key_values` is its deprecated alias), 4.x `past_key_values`
     kw = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-    h_prompt = body(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+    h_prefix = body(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids),
                     position_ids=torch.arange(p, device=device)[None], use_cache=True,
                     **{kw: cache}).last_hidden_state  # [1, P, H]
     if cache.get_seq_length() != p:
         raise RuntimeError("the model's forward did not fill the KV cache (gradient checkpointing on?)")
     cache.batch_repeat_interleave(n)  # [n, kv, P, d] per layer, differentiable
-    attention_mask = torch.cat([torch.ones(n, p, dtype=torch.long, device=device), completion_mask.long()], 1)
+    full_mask = torch.cat([torch.ones(n, p, dtype=torch.long, device=device), attention_mask.long()], 1)  # [n, P+C]
     position_ids = (p + torch.arange(c, device=device))[None].expand(n, c)  # [n, C]
-    h_comp = body(input_ids=completion_ids, attention_mask=attention_mask, position_ids=position_ids,
+    h_rest = body(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
                   use_cache=True, **{kw: cache}).last_hidden_state  # [n, C, H]
-    before = torch.cat([h_prompt[:, p - 1 :].expand(n, 1, -1), h_comp[:, :-1]], 1)  # [n, C, H]: state before token j
+    before = torch.cat([h_prefix[:, p - 1 :].expand(n, 1, -1), h_rest[:, :-1]], 1)  # [n, C, H]: state before token j
     rows, cols = completion_mask.bool().nonzero(as_tuple=True)  # [K], [K]
-    return _head_logprobs(head, before[rows, cols], completion_ids, rows, cols, temperature, chunk_size,
+    return _head_logprobs(head, before[rows, cols], input_ids, rows, cols, temperature, chunk_size,
                           with_entropy, entropy_grad)
 
 

@@ -232,11 +232,9 @@ def setup(cfg: GRPOConfig, run) -> GRPOContext:
     train, eval_set = train_eval_split(specs, cfg.train_size, cfg.eval.n, cfg.seed, balanced_eval=cfg.eval.balanced)
     source = make_source(cfg, specs, train, (e.question for e in eval_set))
     model, tok = load_policy(cfg)
-    share = cfg.share_prompts and not cfg.gradient_checkpointing
-    if cfg.share_prompts and not share:
-        log.info("share_prompts is off: gradient checkpointing does not keep the prompt's KV cache")
     return build_context(GRPOContext, cfg, run, cfg.max_steps, model, tok, source=source,
-                         packing=make_packing(share, cfg.max_tokens_per_forward, tok.pad_token_id),
+                         packing=make_packing("prompt" if cfg.share_prompts else None, cfg.max_tokens_per_forward,
+                                              tok.pad_token_id, cfg.gradient_checkpointing),
                          user_fns=load_functions(cfg.reward.functions))
 
 

@@ -29,8 +29,7 @@ from .config import SFTConfig
 from .errors import SmolthinkError
 from .harness import TrainContext, TrainingRun, build_context, clip_and_step, save_step, start_process, training_run
 from .log import fmt_duration
-from .logprobs import token_logprobs
-from .packing import PaddedChunks
+from .packing import Packing, make_packing
 from .rundir import RunDir, write_json
 from .models import file_sha256
 from .rss import rss_phase
@@ -106,10 +105,10 @@ def steps_per_epoch(n: int, cfg: SFTConfig) -> int:
 # one optimizer step
 # ---------------------------------------------------------------------------------------------------------------
 
-def sft_loss(model, batch, n_tokens_total: int) -> tuple[torch.Tensor, int]:
-    """Sum of -log p over the batch's assistant tokens (+ EOS), divided by the whole step's assistant token count
-    (so accumulated micro-batch losses add up to the big-batch token mean) -> (loss, tokens in this batch)."""
-    logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+def sft_loss(model, packing: Packing, batch, n_tokens_total: int) -> tuple[torch.Tensor, int]:
+    """Sum of -log p over the chunk's assistant tokens (+ EOS), divided by the whole step's assistant token count
+    (so accumulated chunk losses add up to the big-batch token mean) -> (loss, tokens in this chunk)."""
+    logp, _ = packing.logprobs(model, batch)  # [n, T]
     mask = batch.completion_mask.to(logp.dtype)
     return -(logp * mask).sum() / max(n_tokens_total, 1), int(batch.completion_mask.sum())
 
@@ -120,20 +119,22 @@ def optimizer_step(ctx: "SFTContext", minibatches: list[list[int]]) -> dict[str,
     t0 = time.time()
     buffer = ctx.buffer
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
-    loss_sum, tokens_seen = 0.0, 0
+    loss_sum, tokens_run = 0.0, 0
     lr = ctx.scheduler.get_last_lr()[0]
     with ctx.onednn.active():  # forward and backward (checkpointed head chunks recompute in backward)
         for idx in ctx.packing.chunks(buffer, parallel.rows(minibatches)):
             batch = ctx.packing.collate(buffer, idx, ctx.device)
-            loss, _ = sft_loss(ctx.model, batch, n_tok)
+            loss, _ = sft_loss(ctx.model, ctx.packing, batch, n_tok)
             ctx.accelerator.backward(loss)
             loss_sum += loss.item()
-            tokens_seen += ctx.packing.computed_tokens(batch)
-    step = parallel.merge({"loss/sft": loss_sum, "tokens": float(tokens_seen)})
+            tokens_run += ctx.packing.computed_tokens(batch)
+    step = parallel.merge({"loss/sft": loss_sum, "tokens": float(tokens_run)})
     stepped = clip_and_step(ctx, step["loss/sft"])
     seconds = time.time() - t0
+    seq_tokens = sum(buffer.seq_len(i) for mb in minibatches for i in mb)  # every process's
     return {"loss/sft": step["loss/sft"], "lr": lr, **stepped, "perf/train_s": seconds,
-            "perf/train_tok_s": step["tokens"] / max(seconds, 1e-9),
+            "perf/train_tok_s": seq_tokens / max(seconds, 1e-9),
+            "perf/train_computed_tok_s": step["tokens"] / max(seconds, 1e-9),
             "train/sequences": float(sum(map(len, minibatches))), "train/assistant_tokens": float(n_tok)}
 
 
@@ -176,7 +177,7 @@ class SFTContext(TrainContext):
     """The shared context plus the SFT data: tokenised traces, their stats, the step plan of the current epoch."""
 
     buffer: ExperienceBuffer = field(default_factory=ExperienceBuffer)
-    packing: PaddedChunks | None = None
+    packing: Packing | None = None
     data_stats: dict[str, Any] = field(default_factory=dict)
     steps_per_epoch: int = 0
     total: int = 0
@@ -225,9 +226,11 @@ def setup(cfg: SFTConfig, run: RunDir, resume: bool) -> SFTContext:
     total = cfg.max_steps or cfg.num_epochs * per_epoch
     data_stats.update(path=str(traces), sha256=file_sha256(traces), steps_per_epoch=per_epoch, total_steps=total,
                       sequences_per_step=cfg.minibatch_size * cfg.gradient_accumulation_steps)
-    return build_context(SFTContext, cfg, run, total, model=model, tok=tok, buffer=buffer,
-                         packing=PaddedChunks(cfg.max_tokens_per_forward, tok.pad_token_id), data_stats=data_stats,
-                         steps_per_epoch=per_epoch, total=total)
+    # every chat-templated trace starts with the same system turn; traces with no common first token share nothing
+    share = "prefix" if cfg.share_prefix and buffer.common_prefix_len(range(len(buffer))) else None
+    packing = make_packing(share, cfg.max_tokens_per_forward, tok.pad_token_id, cfg.gradient_checkpointing)
+    return build_context(SFTContext, cfg, run, total, model=model, tok=tok, buffer=buffer, packing=packing,
+                         data_stats=data_stats, steps_per_epoch=per_epoch, total=total)
 
 
 def save(ctx: SFTContext, state: SFTState) -> Path:
