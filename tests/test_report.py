@@ -182,3 +182,29 @@ def test_pipeline_report_transfer_table(tmp_path):
     assert "| gcd | 50 | 0.500 [0.360, 0.640] | 0.500 [0.360, 0.640] | +0.0 | intervals overlap | 0.800 | 0.800 |" in md
     assert "| transfer | done | 30s |" in md
     assert "## Per task" not in md  # a single-task run has no per-task breakdown
+
+
+def test_collapse_checks_flag_one_answer_for_everything_and_runaway_length():
+    from smolthink.report.rl import collapse_checks
+
+    sft = {"answer_distribution": {"Yes": 0.52, "No": 0.48}, "majority_baseline": 0.5, "mean_completion_len": 100.0}
+    fine = {"answer_distribution": {"Yes": 0.54, "No": 0.46}, "majority_baseline": 0.5, "mean_completion_len": 149.0}
+    assert [line.endswith("ok") for line in collapse_checks(sft, fine)] == [True, True]
+    yes_to_all = {"answer_distribution": {"Yes": 0.56, "No": 0.44}, "majority_baseline": 0.5,
+                  "mean_completion_len": 151.0}
+    share, length = collapse_checks(sft, yes_to_all)
+    assert "**collapsed onto one answer**" in share and "`Yes` in 56%" in share
+    assert "**grew by more than 50%**" in length and "1.51x" in length
+    # an unbalanced answer set: the bar is the most common gold answer's share, not 50%
+    counts = {"answer_distribution": {"1": 0.33, "2": 0.3}, "majority_baseline": 0.29}
+    assert collapse_checks({}, counts)[0].endswith("ok")
+    assert collapse_checks({}, {**counts, "answer_distribution": {"1": 1.0}})[0].endswith("**collapsed onto one answer**")
+    assert collapse_checks({}, {}) == []
+
+
+def test_collapse_section_renders_for_every_trained_model(tmp_path):
+    md = write_report(pipeline_run(tmp_path, with_control=True)).read_text()
+    section = md.split("## Collapse checks", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("* ")]
+    assert [line.split(":")[0] for line in lines] == ["* final (grpo)", "* sft_control (equal-time SFT)"]
+    assert all("mean completion length 86 →" in line for line in lines)

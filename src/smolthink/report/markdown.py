@@ -9,7 +9,7 @@ from .breakdown import per_task_section, transfer_section
 from .context import ReportContext, gather
 from .flips import flips_section
 from .memory import memory_section
-from .rl import budget_section, control_section
+from .rl import budget_section, collapse_section, control_section
 from .sections import (answers_section, before_after_section, header_section, plots_section, samples_section,
                        stages_section, summary_section)
 
@@ -23,6 +23,7 @@ SECTIONS: list[Callable[[ReportContext], list[str]]] = [
     per_task_section,
     transfer_section,
     control_section,
+    collapse_section,
     flips_section,
     answers_section,
     budget_section,

@@ -1,5 +1,6 @@
 """The report's RL sections: whether SFT + GRPO beats the equal-time SFT-only control (accuracy and pass@k /
-mean@k with intervals, and a plain verdict), and where the GRPO stage's rollouts went (zero-signal groups, tokens
+mean@k with intervals, and a plain verdict), whether a trained model collapsed (one answer for everything, runaway
+length), and where the GRPO stage's rollouts went (zero-signal groups, tokens
 spent on questions already solved, dynamic sampling, curriculum levels, replay)."""
 from __future__ import annotations
 
@@ -83,6 +84,50 @@ def control_section(ctx: ReportContext) -> list[str]:
     elif ctx.control is None:
         out += ["*No equal-time SFT control in this run (`sft_control: false` or not run yet): no RL verdict.*", ""]
     return out + _passk_rows(ctx)
+
+
+# ----------------------------------------------------------------------------------------------- collapse checks
+
+SHARE_SLACK = 0.05  # an answer may be given this much more often than the most common gold answer
+MAX_LENGTH_GROWTH = 1.5  # mean completion length may grow by at most half over the model it started from
+
+
+def collapse_checks(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The no-collapse checks of a trained model's eval summary `after` against the one it started from (`before`)
+    -> one line per check, each ending in "ok" or a bold warning:
+    * answer shares: no answer given more often than the most common gold answer (the majority baseline; 0.5 on
+      a balanced two-class set) plus SHARE_SLACK, since RL that learns the prior ("Yes" to everything, "1" to every
+      count) scores near that baseline and looks like progress in the reward;
+    * length: the mean completion length grows by at most MAX_LENGTH_GROWTH x."""
+    out = []
+    dist, maj = after.get("answer_distribution") or {}, after.get("majority_baseline")
+    if dist and is_num(maj):
+        top, share = max(dist.items(), key=lambda kv: kv[1])
+        ok = share <= maj + SHARE_SLACK
+        out.append(f"most frequent answer `{top}` in {pct(share)} of completions (most common gold answer "
+                   f"{pct(maj)}): " + ("ok" if ok else "**collapsed onto one answer**"))
+    a, b = after.get("mean_completion_len"), before.get("mean_completion_len")
+    if is_num(a) and is_num(b) and b > 0:
+        ok = a <= MAX_LENGTH_GROWTH * b
+        out.append(f"mean completion length {b:.0f} → {a:.0f} tokens ({a / b:.2f}x): "
+                   + ("ok" if ok else f"**grew by more than {MAX_LENGTH_GROWTH - 1:.0%}**"))
+    return out
+
+
+def collapse_section(ctx: ReportContext) -> list[str]:
+    """The collapse checks of the SFT model (against base it cannot be compared: base rarely answers) and of the
+    models trained from it (GRPO, the control)."""
+    if not ctx.pipeline:
+        return []
+    sft = next((r for r in ctx.rows if r.label == "sft" and r.point is not None), None)
+    trained = [r for r in ctx.rows[2:] + ([ctx.control] if ctx.control else []) if r.point is not None]
+    if sft is None:
+        return []
+    out = ["## Collapse checks", ""]
+    for row in [sft] + trained:
+        lines = collapse_checks(sft.point.summary if row is not sft else {}, row.point.summary)
+        out += [f"* {row.label}: " + "; ".join(lines)] if lines else []
+    return out + [""]
 
 
 # ----------------------------------------------------------------------------------------------- the RL budget
