@@ -19,7 +19,7 @@ OLD_NAMESPACE = {"model": None, "prompts": 8, "group": 6, "max_new_tokens": 300,
                  "grpo": "trl,smolthink", "grpo_steps": 2, "minibatch": 8, "max_tokens_per_forward": None,
                  "sets": ["a=1"], "out": "benchmarks/results.json", "child": None, "child_out": None}
 # the flags added since, in their order after the old ones
-NEW_FLAGS = {"contention": False, "contention_threads": "2,1,0", "contention_policies": "passive,active"}
+NEW_FLAGS = {"contention": False, "contention_threads": "2,1,0", "contention_policies": "default,passive"}
 
 
 def test_summarize():
@@ -243,7 +243,7 @@ def test_contention_children_get_the_policy_and_threads_and_a_spinner_when_busy(
     assert spinners[0] == [sys.executable, "-c", "while True: pass"]
     envs = [env for _, env in calls]
     assert envs[0]["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in envs[0]
-    assert envs[-1]["GOMP_SPINCOUNT"] == "300000" and "OMP_WAIT_POLICY" not in envs[-1]
+    assert "GOMP_SPINCOUNT" not in envs[-1] and "OMP_WAIT_POLICY" not in envs[-1]
     row = next(r for r in res["summary"] if (r["policy"], r["threads"]) == ("passive", 2))
     assert row["rollout_tok_s"]["busy_over_quiet"] == pytest.approx(0.5)
     assert row["rollout_tok_s"]["busy_over_best_quiet"] == pytest.approx(0.5)

@@ -1,6 +1,6 @@
 """How much of this process's CPUs other processes keep busy, and the torch thread count that follows from it
-(`runtime.set_threads` / `runtime.between_phases` apply it). The OpenMP wait policy that goes with it is set
-before torch loads (`nativeenv.native_env`).
+(`runtime.set_threads` / `runtime.between_phases` apply it). With one thread there is no OpenMP barrier to wait
+at, so libgomp's default wait policy (spin, then sleep) is kept (`nativeenv`).
 
 Why: an OpenMP team waits at every parallel region's barrier for its slowest thread. With one CPU-bound process
 beside it on a 2-core machine, one of two torch threads shares its core in scheduler time slices of milliseconds,

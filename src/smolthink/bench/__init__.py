@@ -67,7 +67,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
         add("--contention", action="store_true",
             help="run only the contention part: throughput quiet vs beside one CPU-bound process (--parts contention)"),
         add("--contention-threads", default="2,1,0", help="contention: torch thread counts to compare (0: auto)"),
-        add("--contention-policies", default="passive,active",
+        add("--contention-policies", default="default,passive",
             help="contention: OpenMP wait policies to compare (passive, active, default: libgomp's own)"),
         # internal: the GRPO side a child process runs, and where it writes its result
         add("--child", default=None, help=argparse.SUPPRESS),

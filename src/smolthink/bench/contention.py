@@ -22,10 +22,9 @@ from typing import Any, Sequence
 
 from .tables import summarize
 
-# OMP_WAIT_POLICY per policy name; "default" is libgomp's own (spin ~300k iterations, then sleep), set through its
-# spin count so that `nativeenv.native_env` leaves it alone
-POLICY_ENV = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "active": {"OMP_WAIT_POLICY": "ACTIVE"},
-              "default": {"GOMP_SPINCOUNT": "300000"}}
+# OMP_WAIT_POLICY per policy name; "default" is libgomp's own (spin ~300k iterations, then sleep), what smolthink
+# runs with unless the user sets one
+POLICY_ENV = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "active": {"OMP_WAIT_POLICY": "ACTIVE"}, "default": {}}
 SPIN = "while True: pass"
 
 
