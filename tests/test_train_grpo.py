@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from smolthink import tasks
 from smolthink.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -209,3 +210,24 @@ def test_shared_prompts_keep_the_step(tmp_path, tiny_dir):
             assert all(abs(x[k] - c[k]) <= 1e-4 * max(1.0, abs(c[k])) for k in keys), (x, c)
         assert a["perf/train_computed_tok_s"] < 0.6 * a["perf/train_tok_s"]  # 4 completions share each prompt
         assert c["perf/train_computed_tok_s"] == c["perf/train_tok_s"]
+
+
+def test_train_questions_are_balanced_like_the_eval(tmp_path, tiny_dir, monkeypatch):
+    """reasoning-gym's syllogisms are ~2/3 'Yes': GRPO trained on them as generated learns the prior, so its train
+    questions are balanced by default (balanced_train), and only then."""
+    from collections import Counter
+
+    from smolthink import train_grpo
+
+    seen = []
+
+    def split(*args, **kw):
+        train, ev = tasks.train_eval_split(*args, **kw)
+        seen.append(Counter(e.answer for e in train))
+        return train, ev
+
+    monkeypatch.setattr(train_grpo, "train_eval_split", split)
+    run(tmp_path / "a", tiny_dir, "max_steps=1", "eval_n=4", "train_size=600")
+    run(tmp_path / "b", tiny_dir, "max_steps=1", "eval_n=4", "train_size=600", "balanced_train=false")
+    assert seen[0] == {"Yes": 300, "No": 300}
+    assert seen[1]["Yes"] > 1.5 * seen[1]["No"]

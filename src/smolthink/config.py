@@ -205,6 +205,9 @@ class GRPOConfig(StageConfig):
                                     "off under gradient_checkpointing")
     engine: str = opt("auto", "rollout engine: auto | fast | hf", choices=("auto", "fast", "hf"))
     train_size: int = opt(5000, "train questions generated (disjoint from eval)", ge=1)
+    balanced_train: bool = opt(True, "equal answer classes among the train questions where a task has a small answer "
+                                     "set, as in the eval and the warm-up traces (reasoning-gym's syllogisms are "
+                                     "2/3 'Yes': unbalanced questions reward the prior)")
     sample_every: int = opt(5, "write samples/ every N steps (0: never)", ge=0)
     curriculum: CurriculumConfig = section(CurriculumConfig, "difficulty scheduling (reasoning-gym curricula)")
     replay: ReplayConfig = section(ReplayConfig, "prioritised replay of questions not yet solved every time")

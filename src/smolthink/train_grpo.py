@@ -229,7 +229,8 @@ def setup(cfg: GRPOConfig, run) -> GRPOContext:
         raise SmolthinkError(f"prompts_per_rollout ({cfg.prompts_per_rollout}) must be at least the number of "
                              f"processes ({parallel.world()}): each generates a share of every rollout batch")
     specs = parse_tasks(cfg.task)
-    train, eval_set = train_eval_split(specs, cfg.train_size, cfg.eval.n, cfg.seed, balanced_eval=cfg.eval.balanced)
+    train, eval_set = train_eval_split(specs, cfg.train_size, cfg.eval.n, cfg.seed, balanced_eval=cfg.eval.balanced,
+                                       balanced_train=cfg.balanced_train)
     source = make_source(cfg, specs, train, (e.question for e in eval_set))
     model, tok = load_policy(cfg)
     return build_context(GRPOContext, cfg, run, cfg.max_steps, model, tok, source=source,
