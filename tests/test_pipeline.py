@@ -13,7 +13,7 @@ SETS = ["eval_n=4", "eval_max_new_tokens=8", "num_traces=8", "threads=2",
         "sft.max_steps=2", "sft.minibatch_size=4", "sft.warmup_steps=0",
         "grpo.max_steps=2", "grpo.max_completion_length=8", "grpo.prompts_per_rollout=2", "grpo.num_generations=2",
         "grpo.buffer_size=4", "grpo.minibatch_size=4", "grpo.gradient_accumulation_steps=1", "grpo.train_size=32",
-        "grpo.engine=hf", "control.max_steps=3", "passk.n=2", "passk.k=2",
+        "grpo.engine=hf", "sft_control=true", "control.max_steps=3", "passk.n=2", "passk.k=2",
         "transfer.n=2"]
 
 

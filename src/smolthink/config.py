@@ -246,7 +246,8 @@ class PipelineConfig(RunArgs):
     transfer: TransferConfig = section(TransferConfig, "base vs final model on tasks outside the mixture")
     sft: dict = opt({}, "SFTConfig overrides for the SFT stage")
     grpo: dict = opt({}, "GRPOConfig overrides for the GRPO stage")
-    sft_control: bool = opt(True, "run the SFT-only control: SFT continued for the GRPO stage's wall time")
+    sft_control: bool = opt(False, "run the SFT-only control: SFT continued for the GRPO stage's wall time (off by "
+                                   "default: it doubles the RL stage's time; on for any claim that the RL pays)")
     control: dict = opt({}, "SFTConfig overrides for the sft_control stage (after the `sft:` section's)")
     passk: PassKConfig = section(PassKConfig, "pass@k / mean@k of the SFT, GRPO and control models")
 

@@ -1,6 +1,6 @@
 """`smolthink pipeline`: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> transfer -> SFT-only
 control -> pass@k -> report, in one run directory (`rundir.PipelineDir`). Each stage writes <stage>/DONE last; a
-rerun skips finished stages and resumes an interrupted one; a stage turned off (`sft_control: false`,
+rerun skips finished stages and resumes an interrupted one; a stage turned off (`sft_control: false`, the default,
 `passk.enabled: false`, `transfer.tasks: []`) is skipped without a DONE. A training stage that Ctrl-C / SIGTERM
 stopped ends the pipeline as `errors.Stopped`.
 
