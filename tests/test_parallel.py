@@ -117,7 +117,8 @@ def test_train_and_sft_run_under_torchrun(tmp_path, tiny_dir):
     assert json.loads((grpo / "eval" / "step_000000.json").read_text())["n"] == 2
     cfg = build_config(GRPOConfig, [{"model": str(tiny_dir)}, parse_overrides(GRPO)])
     specs = parse_tasks(cfg.task)
-    train, eval_set = train_eval_split(specs, cfg.train_size, cfg.eval.n, cfg.seed, balanced_eval=cfg.eval.balanced)
+    train, eval_set = train_eval_split(specs, cfg.train_size, cfg.eval.n, cfg.seed, balanced_eval=cfg.eval.balanced,
+                                       balanced_train=cfg.balanced_train)
     drawn = make_source(cfg, specs, train, (e.question for e in eval_set)).next_batch(2, 0)
     groups = [json.loads(line) for line in (grpo / "groups" / "step_000001.jsonl").read_text().splitlines()]
     assert [g["question"] for g in groups] == [d.example.question for d in drawn]
