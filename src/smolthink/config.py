@@ -127,6 +127,7 @@ class TransferConfig:
 # ----------------------------------------------------------------------------------------------- stages
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+ENGINES = ("auto", "fast", "hf", "paged")  # rollout.make_engine
 
 
 @dataclass
@@ -203,7 +204,8 @@ class GRPOConfig(StageConfig):
     share_prompts: bool = opt(True, "training forwards run each GRPO group's prompt once and its completions on "
                                     "its KV cache (P + G*C tokens instead of G*(P+C)); same loss and gradient; "
                                     "off under gradient_checkpointing")
-    engine: str = opt("auto", "rollout engine: auto | fast | hf", choices=("auto", "fast", "hf"))
+    engine: str = opt("auto", "rollout engine: auto (fast on CPU, hf on CUDA) | fast | hf | paged (transformers' "
+                              "continuous batching)", choices=ENGINES)
     train_size: int = opt(5000, "train questions generated (disjoint from eval)", ge=1)
     balanced_train: bool = opt(True, "equal answer classes among the train questions where a task has a small answer "
                                      "set, as in the eval and the warm-up traces (reasoning-gym's syllogisms are "
@@ -255,7 +257,8 @@ class PipelineConfig(RunArgs):
 class EvalRunConfig(RunArgs):
     """`smolthink eval`: one model on a task's held-out set."""
 
-    engine: str = opt("auto", "generation engine: auto | fast | hf", choices=("auto", "fast", "hf"))
+    engine: str = opt("auto", "generation engine: auto (fast on CPU, hf on CUDA) | fast | hf | paged (transformers' "
+                              "continuous batching)", choices=ENGINES)
     eval: EvalConfig = section(EvalConfig, "held-out eval")
     reward: RewardConfig = section(RewardConfig, "reward parts and the task scorer")
 
