@@ -6,9 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rollout_helpers import PAD, chat_like_prompts, tiny
+from rollout_helpers import PAD, assert_greedy_equals_reference, chat_like_prompts, hf_greedy, mixed_eos, tiny
 from smolthink.rollout import make_engine
-from smolthink.rollout.hf import HFEngine
 from smolthink.rollout.paged import PagedEngine, ordered_rows
 from smolthink.types import SamplingParams
 
@@ -23,42 +22,21 @@ def ids(rollouts):
     return [[r.completion_ids for r in row] for row in rollouts]
 
 
-def eos_some_rows_hit(model, prompts, max_new):
-    """An EOS id that some prompts' greedy completions contain and others do not, so rows stop at different
-    steps and some run to the length limit."""
-    present = [set(r[0].completion_ids) for r in HFEngine([PAD], PAD).generate(model, prompts, 1, greedy(max_new))]
-    candidates = sorted(set().union(*present) - set.intersection(*present),
-                        key=lambda t: (-sum(t in p for p in present), t))
-    assert candidates, "test prompts give identical token sets"
-    return [candidates[0]]
-
-
 def test_greedy_equals_hf_token_for_token_with_eos_and_n_copies():
     model = tiny()
     prompts = chat_like_prompts()
     max_new = 24
-    eos = eos_some_rows_hit(model, prompts, max_new)
-    ref = HFEngine(eos, PAD).generate(model, prompts, 1, greedy(max_new))
+    eos = mixed_eos(hf_greedy(model, prompts, max_new))
     got = PagedEngine(eos, PAD).generate(model, prompts, 3, greedy(max_new))
-    assert len(got) == len(prompts) and all(len(g) == 3 for g in got)
-    reasons = set()
-    for p, r, g in zip(prompts, ref, got):
-        for s in g:
-            assert s.prompt_ids == p and s.logprobs is None
-            assert s.completion_ids == r[0].completion_ids and s.finish_reason == r[0].finish_reason
-            reasons.add(s.finish_reason)
-            if s.finish_reason == "stop":  # EOS kept, and only at the end
-                assert s.completion_ids[-1] in eos and not set(s.completion_ids[:-1]) & set(eos)
-            else:
-                assert len(s.completion_ids) == max_new and not set(s.completion_ids) & set(eos)
-    assert reasons == {"stop", "length"}
+    assert_greedy_equals_reference(prompts, hf_greedy(model, prompts, max_new, eos), got, 3, eos, max_new)
+    assert all(s.logprobs is None for g in got for s in g)
 
 
 def test_sampling_n_per_prompt_lengths_eos_and_seeds():
     model = tiny(seed=1)
     prompts = chat_like_prompts(seed=1)
     max_new = 20
-    eos = eos_some_rows_hit(model, prompts, max_new)
+    eos = mixed_eos(hf_greedy(model, prompts, max_new))
     sampling = SamplingParams(max_new_tokens=max_new, temperature=1.0, top_p=0.95, top_k=40)
     engine = PagedEngine(eos, PAD)
     a = engine.generate(model, prompts, 4, sampling, seed=7)
@@ -93,14 +71,14 @@ def test_peft_lora_weights_are_read_live_on_every_call():
     prompts = chat_like_prompts(seed=3)
     engine = PagedEngine([PAD], PAD)
     before = engine.generate(model, prompts, 1, greedy(12))
-    assert ids(before) == ids(HFEngine([PAD], PAD).generate(model, prompts, 1, greedy(12)))
+    assert ids(before) == ids(hf_greedy(model, prompts, 12))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.add_(torch.randn(p.shape, generator=g))
     after = engine.generate(model, prompts, 1, greedy(12))
-    assert ids(after) == ids(HFEngine([PAD], PAD).generate(model, prompts, 1, greedy(12)))
+    assert ids(after) == ids(hf_greedy(model, prompts, 12))
     assert ids(after) != ids(before)
 
 

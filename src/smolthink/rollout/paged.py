@@ -45,14 +45,8 @@ class PagedEngine:
         self.page_size = page_size
         self.max_batch_tokens = max_batch_tokens
 
-    def generate(
-        self,
-        model: torch.nn.Module,
-        prompts: Sequence[list[int]],
-        n: int,
-        sampling: SamplingParams,
-        seed: int | None = None,
-    ) -> list[list[Rollout]]:
+    def generate(self, model: torch.nn.Module, prompts: Sequence[list[int]], n: int, sampling: SamplingParams,
+                 seed: int | None = None) -> list[list[Rollout]]:
         """Generate n completions per prompt -> [prompt][sample] Rollouts."""
         if not prompts:
             return []
