@@ -48,3 +48,40 @@ def real_chat_prompts(tok):
 
     questions = ["What is 2 + 3?", "Name a colour.", "Is every square a rectangle? Answer Yes or No, briefly."]
     return [render_prompt(tok, build_messages(q)) for q in questions]
+
+
+def hf_greedy(model, prompts, max_new, eos=(PAD,)):
+    """HF generate's greedy completions, one per prompt: the reference tokens."""
+    from smolthink.rollout.hf import HFEngine
+    from smolthink.types import SamplingParams
+
+    return HFEngine(list(eos), PAD).generate(model, prompts, 1, SamplingParams(max_new_tokens=max_new, temperature=0))
+
+
+def mixed_eos(rollouts):
+    """A token that some prompts' greedy completions contain and others do not: used as EOS so that some rows
+    stop (at different steps) and others run to the length limit."""
+    present = [set(r[0].completion_ids) for r in rollouts]
+    candidates = sorted(set().union(*present) - set.intersection(*present),
+                        key=lambda t: (-sum(t in p for p in present), t))
+    assert candidates, "test prompts give identical token sets"
+    return [candidates[0]]
+
+
+def assert_greedy_equals_reference(prompts, ref, got, n, eos, max_new):
+    """`got` ([prompt][n] Rollouts) holds n copies of the reference's greedy completion of each prompt (`ref`:
+    [prompt][1]), token for token with its finish reason: EOS kept and only at the end, or exactly max_new tokens
+    without EOS; the prompts mix both endings."""
+    assert len(got) == len(prompts) and all(len(g) == n for g in got)
+    reasons = set()
+    for p, r, g in zip(prompts, ref, got):
+        for s in g:
+            assert s.prompt_ids == p
+            assert s.completion_ids == r[0].completion_ids
+            assert s.finish_reason == r[0].finish_reason
+            reasons.add(s.finish_reason)
+            if s.finish_reason == "stop":
+                assert s.completion_ids[-1] in eos and not set(s.completion_ids[:-1]) & set(eos)
+            else:
+                assert len(s.completion_ids) == max_new and not set(s.completion_ids) & set(eos)
+    assert reasons == {"stop", "length"}

@@ -3,28 +3,14 @@ from HF only in summation order), seeds, EOS handling, unsupported models, edge 
 import pytest
 import torch
 
-from rollout_helpers import PAD, VOCAB, chat_like_prompts, real_chat_prompts, tiny
+from rollout_helpers import (PAD, VOCAB, assert_greedy_equals_reference, chat_like_prompts, hf_greedy, mixed_eos,
+                             real_chat_prompts, tiny)
 from smolthink.rollout.fast import FastEngine, common_prefix_len
 from smolthink.rollout.hf import HFEngine
 from smolthink.rollout.llama import UnsupportedModelError
 from smolthink.types import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def hf_greedy(model, prompts, max_new, eos=(PAD,)):
-    """HF generate's greedy completions, one per prompt: the reference tokens."""
-    return HFEngine(list(eos), PAD).generate(model, prompts, 1, SamplingParams(max_new_tokens=max_new, temperature=0))
-
-
-def mixed_eos(rollouts):
-    """A token that some prompts' greedy completions contain and others do not: used as EOS so that some rows
-    stop (at different steps) and others run to the length limit."""
-    present = [set(r[0].completion_ids) for r in rollouts]
-    candidates = sorted(set().union(*present) - set.intersection(*present),
-                        key=lambda t: (-sum(t in p for p in present), t))
-    assert candidates, "test prompts give identical token sets"
-    return [candidates[0]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -41,19 +27,7 @@ def test_greedy_equals_hf_with_mixed_lengths_n_samples_and_eos(onednn, max_rows)
     n = 3
     got = FastEngine(eos, PAD, max_rows=max_rows, onednn=onednn, precision="fp32").generate(
         model, prompts, n, SamplingParams(max_new_tokens=max_new, temperature=0))
-    assert len(got) == len(prompts) and all(len(g) == n for g in got)
-    reasons = set()
-    for p, r, g in zip(prompts, ref, got):
-        for s in g:
-            assert s.prompt_ids == p
-            assert s.completion_ids == r[0].completion_ids
-            assert s.finish_reason == r[0].finish_reason
-            reasons.add(s.finish_reason)
-            if s.finish_reason == "stop":
-                assert s.completion_ids[-1] in eos and not set(s.completion_ids[:-1]) & set(eos)
-            else:
-                assert len(s.completion_ids) == max_new and not set(s.completion_ids) & set(eos)
-    assert reasons == {"stop", "length"}
+    assert_greedy_equals_reference(prompts, ref, got, n, eos, max_new)
 
 
 def test_greedy_without_shared_prefix_and_single_token_prompts():

@@ -63,6 +63,18 @@ def test_ratio_is_exactly_one_on_policy(tmp_path, tiny_dir):
     assert "rollout/logp_mismatch" not in row  # the hf engine gives no log-probs
 
 
+def test_paged_engine_rolls_out_and_evaluates_the_lora_policy(tmp_path, tiny_dir):
+    """engine=paged (transformers' continuous batching) through the whole loop: rollouts of the LoRA policy, the
+    evals before and after the step, the on-policy ratio."""
+    out = tmp_path / "run"
+    run(out, tiny_dir, "max_steps=1", "engine=paged", *TOY)
+    row = metrics(out)[0]
+    assert row["ratio/mean"] == 1.0 and row["completion/mean_len"] > 0 and row["grad_norm"] > 0
+    assert "rollout/logp_mismatch" not in row  # the paged engine gives no log-probs
+    for step in (0, 1):
+        assert json.loads((out / "eval" / f"step_{step:06d}.json").read_text())["n"] == 4
+
+
 def test_engine_trainer_logp_mismatch_is_logged_per_step(tmp_path, tiny_dir):
     """The fp32 fast engine's log-probs equal the trainer's up to summation order, at every step of a fill (two
     optimizer steps per buffer: the second compares against old_logp, the sampling weights' log-probs, not the

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .config import ENGINES
 from .configlib import flag_type
 from .errors import SmolthinkError, run_reported
 from .rundir import PipelineDir, RunDir, writable_dir, writable_file
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--unbalanced", dest="balanced", action="store_const", const=False, default=None,
                    help="keep the task's natural answer skew")
     e.add_argument("--batch-size", type=int, default=None, help="eval.batch_size")
-    e.add_argument("--engine", default=None, choices=["auto", "fast", "hf"])
+    e.add_argument("--engine", default=None, choices=ENGINES)
     e.add_argument("--scorer-timeout", type=float, default=None, help="reward.scorer_timeout")
     e.add_argument("--threads", type=int, default=None)
     e.set_defaults(func=cmd_eval)

@@ -127,6 +127,7 @@ class TransferConfig:
 # ----------------------------------------------------------------------------------------------- stages
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+ENGINES = ("auto", "fast", "hf", "paged")  # rollout.make_engine
 
 
 @dataclass
@@ -154,9 +155,11 @@ class StageConfig(RunArgs):
                                       "many padded tokens (0: no split); same gradient, lower peak memory", ge=0)
     onednn_linears: bool = opt(True, "CPU: LoRA layers (one merged W + sBA GEMM) and frozen layers (LM head) train "
                                      "through oneDNN (fp32: the same math; one merged weight copy)")
-    precision: str = opt("fp32", "training GEMMs: fp32 | bf16 (bf16: the oneDNN layers' forward and input-gradient "
-                                 "GEMMs in bf16 with fp32 accumulation; LoRA weights, optimizer, norms, attention "
-                                 "and log-softmax stay fp32; needs onednn_linears, use_lora and avx512_bf16)",
+    precision: str = opt("fp32", "training GEMMs: fp32 | bf16 (bf16 on CPU: the oneDNN layers' forward and "
+                                 "input-gradient GEMMs in bf16 with fp32 accumulation; LoRA weights, optimizer, "
+                                 "norms, attention and log-softmax stay fp32; needs onednn_linears, use_lora and "
+                                 "avx512_bf16. On CUDA: the forward under torch.autocast bf16, fp32 master weights, "
+                                 "log-softmax and loss)",
                          choices=("fp32", "bf16"))
     learning_rate: float = opt(1e-5, "peak learning rate (AdamW)", gt=0, le=1)
     lr_scheduler_type: str = opt("constant", "constant | linear | cosine (after warm-up)", choices=LR_SCHEDULES)
@@ -203,7 +206,8 @@ class GRPOConfig(StageConfig):
     share_prompts: bool = opt(True, "training forwards run each GRPO group's prompt once and its completions on "
                                     "its KV cache (P + G*C tokens instead of G*(P+C)); same loss and gradient; "
                                     "off under gradient_checkpointing")
-    engine: str = opt("auto", "rollout engine: auto | fast | hf", choices=("auto", "fast", "hf"))
+    engine: str = opt("auto", "rollout engine: auto (fast on CPU, hf on CUDA) | fast | hf | paged (transformers' "
+                              "continuous batching)", choices=ENGINES)
     train_size: int = opt(5000, "train questions generated (disjoint from eval)", ge=1)
     balanced_train: bool = opt(True, "equal answer classes among the train questions where a task has a small answer "
                                      "set, as in the eval and the warm-up traces (reasoning-gym's syllogisms are "
@@ -256,7 +260,8 @@ class PipelineConfig(RunArgs):
 class EvalRunConfig(RunArgs):
     """`smolthink eval`: one model on a task's held-out set."""
 
-    engine: str = opt("auto", "generation engine: auto | fast | hf", choices=("auto", "fast", "hf"))
+    engine: str = opt("auto", "generation engine: auto (fast on CPU, hf on CUDA) | fast | hf | paged (transformers' "
+                              "continuous batching)", choices=ENGINES)
     eval: EvalConfig = section(EvalConfig, "held-out eval")
     reward: RewardConfig = section(RewardConfig, "reward parts and the task scorer")
 
@@ -307,9 +312,11 @@ def validate(cfg: Any) -> None:
     ev = getattr(cfg, "eval", None)
     if isinstance(ev, EvalConfig):
         need(ev.samples == 1 or ev.temperature > 0, "eval.samples > 1 needs eval.temperature > 0 (e.g. 0.7)")
-    if isinstance(cfg, StageConfig):
-        need(cfg.precision == "fp32" or (cfg.onednn_linears and cfg.use_lora),
-             "precision=bf16 needs onednn_linears=true and use_lora=true (it runs the oneDNN LoRA layers in bf16)")
+    if isinstance(cfg, StageConfig) and cfg.precision != "fp32":  # fp32 runs anywhere: no torch import for it
+        from .precision import precision_problem, training_device
+
+        problem = precision_problem(cfg.precision, cfg.onednn_linears, cfg.use_lora, training_device())
+        need(problem is None, problem or "")
     if isinstance(cfg, (EvalRunConfig, PipelineConfig)):  # their result is an eval: 0 questions give nothing
         need(cfg.eval.n >= 1, f"bad value for eval.n: {cfg.eval.n} (expected value >= 1: 0 questions evaluate nothing)")
     if isinstance(cfg, GRPOConfig):

@@ -1,7 +1,7 @@
 """The training harness both loops (SFT, GRPO) share, so each loop is only its own phases:
 
-* `TrainContext`: what every stage builds at set-up (policy, tokenizer, accelerate, optimizer, schedule, oneDNN
-  layers, scorer, held-out evaluator), typed;
+* `TrainContext`: what every stage builds at set-up (policy, tokenizer, accelerate, optimizer, schedule, training
+  numerics, scorer, held-out evaluator), typed;
 * `build_context`: that set-up;
 * `training_run(out_dir, resume)`: a context manager owning the run directory's life: which checkpoint to
   continue from (`open_run`), leftovers of killed writes, Ctrl-C / SIGTERM (finish the step, checkpoint, stop),
@@ -37,6 +37,7 @@ from .errors import SmolthinkError, Stopped
 from .evaluate import Evaluator, eval_metrics, make_evaluator
 from .log import MetricsWriter, console, eval_table
 from .onednn import OneDNNLinears
+from .precision import Autocast, training_device, training_numerics
 from .rss import process_peak_gb, rss_phase
 from .rundir import RunDir, atomic_write, discard, remove_leftovers
 from .runtime import between_phases, make_optimizer, make_scheduler, set_threads
@@ -57,7 +58,7 @@ class TrainContext:
     accelerator: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    onednn: OneDNNLinears
+    numerics: OneDNNLinears | Autocast  # `with numerics.active():` around training forwards (see `precision`)
     scorer: Any
     evaluator: Evaluator
 
@@ -82,14 +83,14 @@ def start_process(cfg: StageConfig) -> None:
 
 def build_context(cls: type, cfg: StageConfig, run: RunDir, total_steps: int, model, tok, **extra: Any) -> Any:
     """Finish a stage's set-up around its loaded policy (LoRA attached): accelerate, AdamW and its schedule over
-    `total_steps`, oneDNN layers, the sandboxed scorer and the held-out evaluator -> `cls(...)` (a TrainContext
-    subclass; `extra` fills its own fields)."""
+    `total_steps`, the training numerics (`precision`), the sandboxed scorer and the held-out evaluator ->
+    `cls(...)` (a TrainContext subclass; `extra` fills its own fields)."""
     from accelerate import Accelerator
 
     from .sandbox import Scorer
 
     specs = parse_tasks(cfg.task)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=training_device() == "cpu")
     optimizer = make_optimizer(model, cfg)
     # placed (and mixed precision applied) but not wrapped in DDP, whose reducer the log-prob path never calls:
     # `clip_and_step` sums the processes' gradients instead (see `parallel`)
@@ -100,7 +101,8 @@ def build_context(cls: type, cfg: StageConfig, run: RunDir, total_steps: int, mo
     evaluator = make_evaluator(model, tok, specs, cfg.eval, cfg.reward, cfg.seed, scorer,
                                engine=getattr(cfg, "engine", "auto"))
     return cls(cfg=cfg, run=run, specs=specs, model=model, tok=tok, accelerator=accelerator, optimizer=optimizer,
-               scheduler=scheduler, onednn=OneDNNLinears(model, cfg.onednn_linears, cfg.precision),
+               scheduler=scheduler,
+               numerics=training_numerics(model, accelerator.device, cfg.onednn_linears, cfg.precision),
                scorer=scorer, evaluator=evaluator, **extra)
 
 

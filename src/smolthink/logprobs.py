@@ -9,11 +9,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
-def split_body_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder body, lm_head) of a causal LM, under any wrapper: peft PeftModel (LoRA layers are injected in
-    place, so the body already includes the adapter and honours `disable_adapter()`), DDP / accelerate
-    (`.module`) and torch.compile (`._orig_mod`). The body returns last_hidden_state after the final norm;
-    the head maps it to logits (true for Llama / SmolLM2; models that post-process logits are refused)."""
+def causal_lm(model) -> torch.nn.Module:
+    """The transformers causal-LM module under any wrapper: peft PeftModel (LoRA layers are injected in place, so
+    the module it returns already runs the adapter and honours `disable_adapter()`), DDP / accelerate (`.module`)
+    and torch.compile (`._orig_mod`). The weights are the wrapper's own tensors, not a copy."""
     m = model
     for _ in range(8):  # unwrap nested wrappers
         if hasattr(m, "get_base_model") and hasattr(m, "peft_config"):
@@ -24,6 +23,14 @@ def split_body_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
             m = m.module
         else:
             break
+    return m
+
+
+def split_body_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body, lm_head) of a causal LM under any wrapper (`causal_lm`). The body returns last_hidden_state
+    after the final norm; the head maps it to logits (true for Llama / SmolLM2; models that post-process logits
+    are refused)."""
+    m = causal_lm(model)
     head = m.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(m).__name__} has no output embeddings (lm_head)")

@@ -126,7 +126,7 @@ def old_logprobs(ctx: GRPOContext, buffer: ExperienceBuffer) -> None:
     """Every buffer item's old log-probs, with the training numerics: each process computes its slice of the
     buffer, then the slices are gathered to every process."""
     mine = parallel.share(range(len(buffer)))
-    with ctx.onednn.active():
+    with ctx.numerics.active():
         fill_old_logprobs(ctx.model, buffer, ctx.packing, ctx.cfg.temperature, ctx.cfg.minibatch_size, ctx.device,
                           indices=mine)
     (pairs,) = parallel.gather_lists([(i, buffer.items[i].old_logp) for i in mine])
@@ -183,7 +183,7 @@ def optimizer_step(ctx: GRPOContext, buffer: ExperienceBuffer, minibatches: list
     n_tok = sum(len(buffer.items[i].completion_ids) for i in items)
     totals: dict[str, float] = {}
     tokens_run = 0
-    with ctx.onednn.active():  # forward and backward (checkpointed head chunks recompute in backward)
+    with ctx.numerics.active():  # forward and backward (checkpointed head chunks recompute in backward)
         for idx in ctx.packing.chunks(buffer, parallel.rows(minibatches)):
             batch = ctx.packing.collate(buffer, idx, ctx.device)
             loss, stats = chunk_backward(ctx, batch, n_seqs, n_tok)

@@ -121,7 +121,7 @@ def optimizer_step(ctx: "SFTContext", minibatches: list[list[int]]) -> dict[str,
     n_tok = sum(len(buffer.items[i].completion_ids) for mb in minibatches for i in mb)
     loss_sum, tokens_run = 0.0, 0
     lr = ctx.scheduler.get_last_lr()[0]
-    with ctx.onednn.active():  # forward and backward (checkpointed head chunks recompute in backward)
+    with ctx.numerics.active():  # forward and backward (checkpointed head chunks recompute in backward)
         for idx in ctx.packing.chunks(buffer, parallel.rows(minibatches)):
             batch = ctx.packing.collate(buffer, idx, ctx.device)
             loss, _ = sft_loss(ctx.model, ctx.packing, batch, n_tok)

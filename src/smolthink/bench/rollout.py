@@ -1,4 +1,5 @@
-"""Part (b): rollouts at the recipe's shape, HF generate vs FastEngine, and a profile of one FastEngine step."""
+"""Part (b): rollouts at the recipe's shape, HF generate vs FastEngine (or the paged engine), and a profile of one
+FastEngine step."""
 from __future__ import annotations
 
 import sys
@@ -20,17 +21,17 @@ def recipe_prompts(tok, n: int, seed: int) -> tuple[list[list[int]], list[dict]]
 
 
 def rollout_bench(args, model, tok, n_params: int, limit_gflops: float | None) -> dict[str, Any]:
-    """HF generate vs FastEngine on the same prompts, interleaved repetitions after one warm-up call each."""
+    """The `--engines` (HF generate, FastEngine, the paged engine) on the same prompts, interleaved repetitions
+    after one warm-up call each."""
     from ..models import eos_ids
-    from ..rollout.fast import FastEngine
-    from ..rollout.hf import HFEngine
+    from ..rollout import make_engine
     from ..types import SamplingParams
 
     prompts, _ = recipe_prompts(tok, args.prompts, args.seed)
     eos = eos_ids(tok, model)
     engines = {}
     for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
-        engines[name] = HFEngine(eos, tok.pad_token_id) if name == "hf" else FastEngine(eos, tok.pad_token_id)
+        engines[name] = make_engine(name, model, eos, tok.pad_token_id)
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p)
     for eng in engines.values():  # warm-up: allocator, oneDNN primitives, lazy imports
         eng.generate(model, prompts[:2], 2, SamplingParams(16, args.temperature, args.top_p), seed=12345)
@@ -70,9 +71,10 @@ def rollout_bench(args, model, tok, n_params: int, limit_gflops: float | None) -
         if limit_gflops:
             s["pct_flop_limit"] = summarize([100 * r["tok_s"] * 2 * n_params / (limit_gflops * 1e9) for r in rs])
         res["summary"][name] = s
-    if "hf" in runs and "fast" in runs:
-        res["ratio_fast_over_hf"] = (res["summary"]["fast"]["tok_s"]["median"]
-                                     / res["summary"]["hf"]["tok_s"]["median"])
+    for name in runs:
+        if name != "hf" and "hf" in runs:
+            res[f"ratio_{name}_over_hf"] = (res["summary"][name]["tok_s"]["median"]
+                                            / res["summary"]["hf"]["tok_s"]["median"])
     return res
 
 

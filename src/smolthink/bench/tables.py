@@ -135,8 +135,9 @@ def _rollout_lines(r: dict[str, Any]) -> list[str]:
                      f"{_fmt(s['ms_per_step']):>22s} "
                      f"{_fmt(s.get('pct_flop_limit')):>18s} {s['real_row_frac']['median'] * 100:8.0f}% "
                      f"{s['rss_peak_gb']['max']:12.2f}")
-    if "ratio_fast_over_hf" in r:
-        lines.append(f"    FastEngine / HF real tokens/s (medians): {r['ratio_fast_over_hf']:.1f}x")
+    for name, label in (("fast", "FastEngine"), ("paged", "paged engine")):
+        if f"ratio_{name}_over_hf" in r:
+            lines.append(f"    {label} / HF real tokens/s (medians): {r[f'ratio_{name}_over_hf']:.1f}x")
     lines.append("    real tokens per CPU-second of this process (less sensitive to other load): "
                  + ", ".join(f"{name} {_fmt(s.get('tok_per_cpu_s'))}" for name, s in r["summary"].items()))
     fast = r["runs"].get("fast") or []
