@@ -193,12 +193,12 @@ def test_collapse_checks_flag_one_answer_for_everything_and_runaway_length():
     yes_to_all = {"answer_distribution": {"Yes": 0.56, "No": 0.44}, "majority_baseline": 0.5,
                   "mean_completion_len": 151.0}
     share, length = collapse_checks(sft, yes_to_all)
-    assert "**collapsed onto one answer**" in share and "`Yes` in 56%" in share
+    assert "**skewed to one answer**" in share and "`Yes` in 56%" in share
     assert "**grew by more than 50%**" in length and "1.51x" in length
     # an unbalanced answer set: the bar is the most common gold answer's share, not 50%
     counts = {"answer_distribution": {"1": 0.33, "2": 0.3}, "majority_baseline": 0.29}
     assert collapse_checks({}, counts)[0].endswith("ok")
-    assert collapse_checks({}, {**counts, "answer_distribution": {"1": 1.0}})[0].endswith("**collapsed onto one answer**")
+    assert collapse_checks({}, {**counts, "answer_distribution": {"1": 1.0}})[0].endswith("**skewed to one answer**")
     assert collapse_checks({}, {}) == []
 
 

@@ -105,7 +105,7 @@ def collapse_checks(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         top, share = max(dist.items(), key=lambda kv: kv[1])
         ok = share <= maj + SHARE_SLACK
         out.append(f"most frequent answer `{top}` in {pct(share)} of completions (most common gold answer "
-                   f"{pct(maj)}): " + ("ok" if ok else "**collapsed onto one answer**"))
+                   f"{pct(maj)}): " + ("ok" if ok else "**skewed to one answer**"))
     a, b = after.get("mean_completion_len"), before.get("mean_completion_len")
     if is_num(a) and is_num(b) and b > 0:
         ok = a <= MAX_LENGTH_GROWTH * b
