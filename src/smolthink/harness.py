@@ -128,14 +128,12 @@ def clip_and_step(ctx: TrainContext, loss: float) -> dict[str, float]:
 
 def run_eval(ctx: TrainContext, step: int) -> dict[str, Any]:
     """The held-out eval after `step` optimizer steps -> eval/step_XXXXXX.json (+ completions); run by process 0,
-    its summary handed to every process."""
+    its summary handed to every process. The eval itself hands its pages back and re-checks the threads after
+    every batch (`evaluate.evaluate`)."""
     def evaluate() -> dict[str, Any]:
-        try:
-            with rss_phase("eval"):
-                return ctx.evaluator.run(ctx.model, ctx.run.eval(step), ctx.run.eval_completions(step),
-                                         {"step": step, "model": ctx.cfg.model or "embedded", "task": str(ctx.cfg.task)})
-        finally:
-            between_phases()
+        with rss_phase("eval"):
+            return ctx.evaluator.run(ctx.model, ctx.run.eval(step), ctx.run.eval_completions(step),
+                                     {"step": step, "model": ctx.cfg.model or "embedded", "task": str(ctx.cfg.task)})
     return parallel.from_main(evaluate)
 
 

@@ -130,7 +130,6 @@ class RSSTimeline:
             return {"peak_gb": round(self.peak_gb, 3), "process_peak_gb": round(process_peak_gb(), 3),
                     "interval_s": self.interval, "phases": phases, "points": list(self.points)}
 
-
     def write(self, path: Path) -> None:
         """Write the summary so far as JSON (atomically) to `path`."""
         from .rundir import atomic_write
