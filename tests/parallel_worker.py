@@ -40,6 +40,7 @@ def fixed_experiences(vocab: int) -> list[Experience]:
 def grpo_case(model_dir: str, loss_type: str, out: Path) -> tuple[dict, dict]:
     """Two off-policy optimizer steps (old log-probs from the loop's sharded pass) on the fixed buffer."""
     cfg = build_config(GRPOConfig, [{"model": model_dir, "threads": 1, "eval.n": 0, "train_size": 8,
+                                     "precision": "fp32",  # fp32: within the test's 1e-5 (bf16 rounding is not)
                                      "prompts_per_rollout": P, "num_generations": G, "buffer_size": P * G,
                                      "minibatch_size": 4, "gradient_accumulation_steps": 1, "num_iterations": 1,
                                      "max_completion_length": 16, "beta": 0.04, "learning_rate": 1e-2,
@@ -56,7 +57,10 @@ def grpo_case(model_dir: str, loss_type: str, out: Path) -> tuple[dict, dict]:
 
 def sft_case(model_dir: str, traces: str, out: Path) -> tuple[dict, dict]:
     """The first two optimizer steps of SFT on the traces."""
+    # fp32, 512-token chunks (one row each): both layouts then sum in the same order, within the test's 1e-5
+    # (bf16 rounding, or one process's rows sharing one system-prompt forward, move the sums by ~3e-5)
     cfg = build_config(SFTConfig, [{"model": model_dir, "threads": 1, "eval.n": 0, "minibatch_size": 2,
+                                    "precision": "fp32", "max_tokens_per_forward": 512,
                                     "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "max_length": 512,
                                     "data.path": traces}])
     ctx = train_sft.setup(cfg, RunDir(out / "run-sft"), resume=False)

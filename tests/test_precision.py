@@ -9,7 +9,7 @@ from smolthink.config import GRPOConfig, build_config
 from smolthink.errors import SmolthinkError
 from smolthink.logprobs import token_logprobs
 from smolthink.onednn import OneDNNLinears, onednn_available
-from smolthink.precision import Autocast, precision_problem, training_numerics
+from smolthink.precision import Autocast, precision_problem, resolve_precision, training_numerics
 from test_onednn import batch, lora_tiny
 
 CPU_BF16 = "precision=bf16 needs onednn_linears=true and use_lora=true"
@@ -99,3 +99,24 @@ def test_autocast_keeps_log_probs_gradients_and_weights_fp32_and_the_ratio_exact
     assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.99
     assert torch.equal(logp_and_grads(model, Autocast("cpu", True), data, grad=False)[0], lp16)
     assert torch.equal(logp_and_grads(model, Autocast("cpu", False), data, grad=False)[0], lp32)
+
+
+@pytest.mark.parametrize("onednn,lora,native,want", [
+    (True, True, True, "bf16"), (False, True, True, "fp32"), (True, False, True, "fp32"), (True, True, False, "fp32"),
+])
+def test_auto_is_bf16_on_a_cpu_only_where_it_is_native(monkeypatch, onednn, lora, native, want):
+    monkeypatch.setattr(precision, "bf16_available", lambda: native)
+    assert resolve_precision("auto", onednn, lora, "cpu") == want
+    assert resolve_precision("fp32", onednn, lora, "cpu") == "fp32"  # an explicit choice is kept
+    assert resolve_precision("bf16", onednn, lora, "cpu") == "bf16"
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_auto_on_cuda_follows_the_gpu(gpu_bf16, supported):
+    gpu_bf16(supported)
+    assert resolve_precision("auto", True, True, "cuda") == ("bf16" if supported else "fp32")
+
+
+def test_auto_is_the_default_and_validates_without_torch_checks():
+    cfg = build_config(GRPOConfig, [{}])
+    assert cfg.precision == "auto"

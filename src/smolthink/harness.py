@@ -102,7 +102,8 @@ def build_context(cls: type, cfg: StageConfig, run: RunDir, total_steps: int, mo
                                engine=getattr(cfg, "engine", "auto"))
     return cls(cfg=cfg, run=run, specs=specs, model=model, tok=tok, accelerator=accelerator, optimizer=optimizer,
                scheduler=scheduler,
-               numerics=training_numerics(model, accelerator.device, cfg.onednn_linears, cfg.precision),
+               numerics=training_numerics(model, accelerator.device, cfg.onednn_linears, cfg.precision,
+                                          cfg.use_lora),
                scorer=scorer, evaluator=evaluator, **extra)
 
 
