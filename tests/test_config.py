@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from smolthink.config import (EvalRunConfig, GRPOConfig, PipelineConfig, SFTConfig, build_config,
@@ -76,8 +78,6 @@ def test_bad_configs_fail_with_one_line(bad, msg):
 
 
 def test_recipe_yaml_loads():
-    from pathlib import Path
-
     cfg = build_config(GRPOConfig, [load_yaml(Path(__file__).parents[1] / "configs" / "recipe_syllogism.yaml")])
     assert (cfg.prompts_per_rollout, cfg.num_generations, cfg.max_completion_length) == (8, 6, 300)
     assert (cfg.minibatch_size, cfg.gradient_accumulation_steps, cfg.buffer_size) == (16, 12, 500)
@@ -121,3 +121,18 @@ def test_eval_command_config():
                 {"eval.temperature": -1}, {"eval.batch_size": -1}, {"eval.samples": 0}):
         with pytest.raises(SmolthinkError, match=list(bad)[0]):
             build_config(EvalRunConfig, [bad])
+
+
+PIPELINE_CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml")
+                          if p.name != "recipe_syllogism.yaml")  # that one is a `smolthink train` config
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_pipeline_configs_build(path):
+    """Every pipeline config in configs/ builds (its sft and grpo sections too) and names real reasoning-gym tasks
+    with settings they accept (a typo fails here, not an hour into a run)."""
+    from smolthink.tasks import check_config, parse_tasks
+
+    cfg = build_pipeline_config([load_yaml(path)])
+    for spec in parse_tasks(cfg.task):
+        check_config(spec)
