@@ -27,7 +27,7 @@ def gpu_bf16(monkeypatch):
 @pytest.mark.parametrize("prec", ["fp32", "bf16"])
 def test_cuda_takes_autocast_and_leaves_the_model_alone(gpu_bf16, prec):
     model = lora_tiny()
-    numerics = training_numerics(model, torch.device("cuda"), onednn_linears=True, precision=prec)
+    numerics = training_numerics(model, torch.device("cuda"), onednn_linears=True, precision=prec, use_lora=True)
     assert isinstance(numerics, Autocast)
     assert (numerics.device_type, numerics.enabled) == ("cuda", prec == "bf16")
     with numerics.active():  # no layer is patched: the forwards stay peft's / nn.Linear's
@@ -38,15 +38,16 @@ def test_cuda_takes_autocast_and_leaves_the_model_alone(gpu_bf16, prec):
 def test_cuda_bf16_is_refused_on_a_gpu_without_it(gpu_bf16):
     gpu_bf16(False)
     with pytest.raises(SmolthinkError, match="needs a GPU with bf16 support"):
-        training_numerics(lora_tiny(), torch.device("cuda"), True, "bf16")
-    assert not training_numerics(lora_tiny(), torch.device("cuda"), True, "fp32").enabled
+        training_numerics(lora_tiny(), torch.device("cuda"), True, "bf16", True)
+    assert not training_numerics(lora_tiny(), torch.device("cuda"), True, "fp32", True).enabled
 
 
 @pytest.mark.skipif(not onednn_available(), reason="oneDNN linear not available here")
 @pytest.mark.parametrize("enabled", [True, False])
 def test_cpu_keeps_the_onednn_layers(enabled):
     model = lora_tiny()
-    numerics = training_numerics(model, torch.device("cpu"), onednn_linears=enabled, precision="fp32")
+    numerics = training_numerics(model, torch.device("cpu"), onednn_linears=enabled, precision="fp32",
+                                 use_lora=True)
     assert isinstance(numerics, OneDNNLinears)
     assert len(numerics) == len(OneDNNLinears(model, enabled, "fp32")) and (len(numerics) > 0) == enabled
 
@@ -117,6 +118,6 @@ def test_auto_on_cuda_follows_the_gpu(gpu_bf16, supported):
     assert resolve_precision("auto", True, True, "cuda") == ("bf16" if supported else "fp32")
 
 
-def test_auto_is_the_default_and_validates_without_torch_checks():
+def test_auto_is_the_default():
     cfg = build_config(GRPOConfig, [{}])
     assert cfg.precision == "auto"

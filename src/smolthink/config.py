@@ -157,10 +157,9 @@ class StageConfig(RunArgs):
                                      "through oneDNN (fp32: the same math; one merged weight copy)")
     precision: str = opt("auto", "training GEMMs: auto (bf16 where it is native, else fp32) | fp32 | bf16 (bf16 on "
                                  "CPU: the oneDNN layers' forward and input-gradient GEMMs in bf16 with fp32 "
-                                 "accumulation; LoRA weights, optimizer, "
-                                 "norms, attention and log-softmax stay fp32; needs onednn_linears, use_lora and "
-                                 "avx512_bf16. On CUDA: the forward under torch.autocast bf16, fp32 master weights, "
-                                 "log-softmax and loss)",
+                                 "accumulation; LoRA weights, optimizer, norms, attention and log-softmax stay fp32; "
+                                 "needs onednn_linears, use_lora and avx512_bf16. On CUDA: the forward under "
+                                 "torch.autocast bf16, fp32 master weights, log-softmax and loss)",
                          choices=("auto", "fp32", "bf16"))
     learning_rate: float = opt(1e-5, "peak learning rate (AdamW)", gt=0, le=1)
     lr_scheduler_type: str = opt("constant", "constant | linear | cosine (after warm-up)", choices=LR_SCHEDULES)
@@ -233,8 +232,8 @@ class SFTConfig(StageConfig):
     max_length: int = opt(512, "max tokens per training sequence (longer ones are dropped)", ge=2)
     max_tokens_per_forward: int = opt(1024, "split each micro-batch into forward/backward chunks of at most this "
                                       "many computed tokens (0: no split); same gradient; 1024 lets 3-4 traces share "
-                                      "one system-prompt prefix (512 holds one), about 1.35x the tokens/s for about "
-                                      "1.4 GB more peak memory", ge=0)
+                                      "one system-prompt prefix (512 holds one): faster, for more peak memory "
+                                      "(benchmarks/README.md)", ge=0)
     log_every: int = opt(5, "console line every N steps", ge=1)
     max_seconds: float = opt(0.0, "stop after this many seconds of training, checked between optimizer steps "
                                   "(0: no limit)", ge=0)

@@ -9,8 +9,8 @@
   so log-probs and the loss are fp32. onednn_linears does not apply on CUDA.
 
 `auto` (the default) is bf16 wherever it runs natively (a CPU with avx512_bf16 training LoRA through the oneDNN
-layers, a GPU with bf16) and fp32 elsewhere: on the AMD EPYC machines smolthink is built on, bf16 SFT runs 1.2-1.6x
-fp32's tokens/s and lands within the fp32 run's interval on held-out accuracy (benchmarks/README.md).
+layers, a GPU with bf16) and fp32 elsewhere: it trains faster at the same held-out accuracy (measured in
+benchmarks/README.md).
 
 Both are used the same way, `with numerics.active():` around every training-numerics forward and the backward it
 records (the trainer's log-probs, the old and reference log-probs), so old and new log-probs share numerics and
@@ -50,7 +50,8 @@ def resolve_precision(precision: str, onednn_linears: bool, use_lora: bool, devi
         return precision
     if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-    return "bf16" if onednn_linears and use_lora and bf16_available() else "fp32"
+    native = precision_problem("bf16", onednn_linears, use_lora, device_type) is None and bf16_available()
+    return "bf16" if native else "fp32"
 
 
 class Autocast:
@@ -69,7 +70,7 @@ class Autocast:
 
 
 def training_numerics(model: torch.nn.Module, device: torch.device, onednn_linears: bool, precision: str,
-                      use_lora: bool = True) -> OneDNNLinears | Autocast:
+                      use_lora: bool) -> OneDNNLinears | Autocast:
     """The numerics of `model`'s training forwards on `device`: autocast on CUDA (bf16 refused on a GPU without
     bf16 support, where it would be emulated), the oneDNN layers elsewhere (exactly the CPU path); "auto" is
     resolved first (`resolve_precision`) and the choice logged."""
