@@ -110,8 +110,10 @@ def test_pipeline_sections_reach_the_stages():
     assert (grpo.eval.n, grpo.eval.every, grpo.max_steps, grpo.model) == (64, 1, 3, "m")
     with pytest.raises(SmolthinkError, match="sft"):  # a section that is not a mapping
         build_pipeline_config([{"sft": 5}])
-    with pytest.raises(SmolthinkError, match="learnig_rate"):  # a bad key inside a stage section fails up front
+    with pytest.raises(SmolthinkError, match="grpo: section: .*learnig_rate"):  # fails up front, naming the section
         build_pipeline_config([{"grpo.learnig_rate": 1}])
+    with pytest.raises(SmolthinkError, match="sft: section: unknown config key 'engine'"):  # a GRPO-only key
+        build_pipeline_config([{"sft.engine": "hf"}])
 
 
 def test_eval_command_config():

@@ -81,3 +81,25 @@ def test_stopped_stage_is_not_done_and_later_stages_wait(tmp_path, tiny_dir, mon
     assert "the sft stage stopped before its end" in capsys.readouterr().err
     assert (run / "data" / "DONE").is_file()
     assert not (run / "sft" / "DONE").exists() and not (run / "grpo").exists()
+
+
+def test_a_signal_during_a_finished_stages_last_eval_stops_before_the_next_stage(tmp_path, tiny_dir, monkeypatch,
+                                                                                 capsys):
+    """train_sft finished its run (DONE written) and then raised Stopped because SIGTERM came during its final
+    eval: the pipeline exits 143 before GRPO starts, and says the stage finished."""
+    import smolthink.train_sft
+    from smolthink.errors import Stopped
+    from smolthink.rundir import mark_done
+
+    def finished_then_stopped(cfg, out, **k):
+        mark_done(out, 1.0, steps=2)
+        raise Stopped("SIGTERM arrived after the last step", int(signal.SIGTERM))
+
+    monkeypatch.setattr(smolthink.train_sft, "train_sft", finished_then_stopped)
+    run = tmp_path / "run"
+    args = ["pipeline", "--model", str(tiny_dir), "--out", str(run)]
+    for s in SETS:
+        args += ["--set", s]
+    assert main(args) == 128 + signal.SIGTERM
+    assert "the sft stage finished, then a signal stopped the pipeline" in capsys.readouterr().err
+    assert (run / "sft" / "DONE").is_file() and not (run / "grpo").exists()

@@ -87,6 +87,27 @@ def test_resume_after_sigterm_is_exact(tmp_path, tiny_dir, traces):
     assert a == b
 
 
+def test_sigterm_during_the_final_eval_finishes_the_run_then_stops(tmp_path, tiny_dir, traces, monkeypatch):
+    """A signal that lands after the last step's check (here: during the final eval) must not be swallowed: the
+    run still finishes (final model, DONE), and then Stopped tells the caller (e.g. the pipeline) to go no further."""
+    import smolthink.harness
+
+    real_eval = smolthink.harness.run_eval
+
+    def eval_hit_by_sigterm(ctx, step):
+        if step == 2:  # the final eval, not the one at step 0
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_eval(ctx, step)
+
+    monkeypatch.setattr(smolthink.harness, "run_eval", eval_hit_by_sigterm)
+    out = tmp_path / "run"
+    with pytest.raises(Stopped, match="SIGTERM arrived after the last step") as stopped:
+        train_sft(cfg_for(tiny_dir, traces, max_steps=2, **{"eval.n": 2}), out)
+    assert stopped.value.signum == signal.SIGTERM
+    assert json.loads((out / "DONE").read_text())["steps"] == 2 and (out / "final" / "adapter").is_dir()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone again
+
+
 def test_time_budget_stops_between_steps(tmp_path, tiny_dir, traces, monkeypatch):
     """max_seconds is checked between optimizer steps on the loop's clock (a fake one here: 10 s per step), and
     the seconds spent are checkpointed so a resumed run continues the same budget."""

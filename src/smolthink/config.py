@@ -338,9 +338,12 @@ def validate(cfg: Any) -> None:
 def build_pipeline_config(sources: Sequence[Mapping[str, Any] | None]) -> PipelineConfig:
     """Merge and validate a pipeline config, including its sft/grpo sections (built now, not an hour later)."""
     cfg = build_config(PipelineConfig, sources)
-    stage_config(cfg, SFTConfig)
-    stage_config(cfg, GRPOConfig)
-    control_config(cfg)
+    for name, build_stage in (("sft", lambda: stage_config(cfg, SFTConfig)),
+                              ("grpo", lambda: stage_config(cfg, GRPOConfig)), ("control", lambda: control_config(cfg))):
+        try:
+            build_stage()
+        except SmolthinkError as e:  # the pipeline-wide keys passed above, so the stage's section is at fault
+            raise SmolthinkError(f"in the pipeline's {name}: section: {e}") from None
     return cfg
 
 

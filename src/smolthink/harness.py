@@ -336,3 +336,6 @@ def training_run(out_dir: Path, resume: bool) -> Iterator[TrainingRun]:
             tr.metrics.close()
         if tr.ctx is not None:
             tr.ctx.scorer.close()
+    if tr.stop_signal is not None:  # it arrived after finish's last look (during the final eval or save)
+        raise Stopped(f"{tr.stop_signal} arrived after the last step: the run in {run.root} finished, nothing else "
+                      f"starts", signal.Signals[tr.stop_signal].value)

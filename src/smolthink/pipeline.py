@@ -35,6 +35,9 @@ def train_stage(stage: str, pipe: PipelineDir, train: Callable[[], Any]) -> None
     try:
         train()
     except Stopped as e:
+        if pipe.done(stage) is not None:  # the signal came during the stage's final eval: the stage is complete
+            raise Stopped(f"the {stage} stage finished, then a signal stopped the pipeline; rerun "
+                          f"`smolthink pipeline --out {pipe.root}` to continue with the next stage", e.signum) from None
         raise Stopped(f"the {stage} stage stopped before its end (checkpoint saved); rerun "
                       f"`smolthink pipeline --out {pipe.root}` to continue", e.signum) from None
 
