@@ -131,10 +131,13 @@ PIPELINE_CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").rgl
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_pipeline_configs_build(path):
-    """Every pipeline config in configs/ builds (its sft and grpo sections too) and names real reasoning-gym tasks
-    with settings they accept (a typo fails here, not an hour into a run)."""
+    """Every pipeline config in configs/ builds (its sft and grpo sections too), names real reasoning-gym tasks
+    with settings they accept, and yields the distinct held-out and GRPO train questions it asks for (a typo or a
+    too-narrow range fails here, not an hour into a run)."""
+    from smolthink.pipeline import check_question_supply
     from smolthink.tasks import check_config, parse_tasks
 
     cfg = build_pipeline_config([load_yaml(path)])
     for spec in parse_tasks(cfg.task):
         check_config(spec)
+    check_question_supply(cfg)

@@ -180,12 +180,28 @@ RUNNERS: dict[str, Callable[[PipelineConfig, PipelineDir], None]] = {
 }
 
 
+def check_question_supply(cfg: PipelineConfig) -> None:
+    """Before any stage runs: the task must yield the GRPO stage's train questions, all distinct and apart from
+    the held-out set (seconds here; otherwise the run would stop at the GRPO stage, after SFT)."""
+    from .tasks import parse_tasks
+    from .train_grpo import grpo_questions
+
+    grpo = stage_config(cfg, GRPOConfig)
+    try:
+        grpo_questions(grpo, parse_tasks(cfg.task))
+    except SmolthinkError as e:
+        raise SmolthinkError(f"{e} (the GRPO stage needs grpo.train_size={grpo.train_size} train + eval.n="
+                             f"{grpo.eval.n} held-out questions): lower them, or widen the task's settings") from None
+
+
 def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
     """Run every unfinished stage in order -> {stage: seconds}; raises Stopped when a signal stopped a stage."""
     from .rss import rss_timeline
 
     pipe = PipelineDir(writable_dir(run, "run directory"))
     atomic_write(pipe.config, config_yaml(cfg))
+    if pipe.done("grpo") is None:
+        check_question_supply(cfg)
     with rss_timeline(pipe.rss) as timeline:
         return _run_stages(cfg, pipe, timeline)
 

@@ -221,6 +221,13 @@ def reference_logprobs(ctx: GRPOContext, batch) -> torch.Tensor:
 # set-up, checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 
+def grpo_questions(cfg: GRPOConfig, specs) -> tuple[list, list]:
+    """The run's (train, held-out eval) questions; a task that cannot produce that many distinct ones raises
+    SmolthinkError."""
+    return train_eval_split(specs, cfg.train_size, cfg.eval.n, cfg.seed, balanced_eval=cfg.eval.balanced,
+                            balanced_train=cfg.balanced_train)
+
+
 def setup(cfg: GRPOConfig, run) -> GRPOContext:
     """Build everything a run needs: the question source, policy, engine, scorer, optimizer, scheduler,
     evaluator."""
@@ -229,8 +236,7 @@ def setup(cfg: GRPOConfig, run) -> GRPOContext:
         raise SmolthinkError(f"prompts_per_rollout ({cfg.prompts_per_rollout}) must be at least the number of "
                              f"processes ({parallel.world()}): each generates a share of every rollout batch")
     specs = parse_tasks(cfg.task)
-    train, eval_set = train_eval_split(specs, cfg.train_size, cfg.eval.n, cfg.seed, balanced_eval=cfg.eval.balanced,
-                                       balanced_train=cfg.balanced_train)
+    train, eval_set = grpo_questions(cfg, specs)
     source = make_source(cfg, specs, train, (e.question for e in eval_set))
     model, tok = load_policy(cfg)
     return build_context(GRPOContext, cfg, run, cfg.max_steps, model, tok, source=source,
