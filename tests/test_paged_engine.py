@@ -113,3 +113,19 @@ def test_engine_choice_is_wired_through_configs_and_make_engine():
     assert build_config(EvalRunConfig, [{"engine": "paged"}]).engine == "paged"
     with pytest.raises(SmolthinkError, match="paged"):
         build_config(GRPOConfig, [{"engine": "vllm"}])
+
+
+def test_a_transformers_with_another_cache_config_gets_one_line(monkeypatch):
+    """transformers 5.17's ContinuousBatchingConfig has no page_size: the engine refuses at construction with what
+    to do, instead of a TypeError at the first rollout."""
+    import transformers.generation.configuration_utils as cu
+
+    from smolthink.errors import SmolthinkError
+
+    class OlderConfig:
+        def __init__(self, num_blocks=None, max_batch_tokens=None):
+            pass
+
+    monkeypatch.setattr(cu, "ContinuousBatchingConfig", OlderConfig)
+    with pytest.raises(SmolthinkError, match="engine 'paged' needs a transformers .* use engine hf"):
+        PagedEngine([PAD], PAD)

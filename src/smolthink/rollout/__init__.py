@@ -11,8 +11,9 @@ log = logging.getLogger(__name__)
 
 def make_engine(name: str, model, eos_ids, pad_id: int, precision: str = "bf16"):
     """Engine by name: "hf", "fast", "paged", or "auto" (fast when the architecture is supported and the model is
-    on CPU, else hf: paged has not yet been measured on a GPU); `precision` ("bf16" | "fp32") is the fast engine's
-    linear-layer precision (HF generate and continuous batching run the model as it is)."""
+    on CPU, else hf: on a GPU paged has not beaten HF generate, benchmarks/README.md); `precision` ("bf16" |
+    "fp32") is the fast engine's linear-layer precision (HF generate and continuous batching run the model as it
+    is)."""
     from .hf import HFEngine
 
     if name == "paged":

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import SmolthinkError
 from ..logprobs import causal_lm
 from ..types import Rollout, SamplingParams
 from .base import group_rollouts
@@ -40,6 +41,7 @@ class PagedEngine:
     """
 
     def __init__(self, eos_ids: Sequence[int], pad_id: int, page_size: int = 256, max_batch_tokens: int = 8192):
+        require_cache_config()
         self.eos_ids = set(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
         self.page_size = page_size
@@ -92,6 +94,24 @@ class PagedEngine:
         batch_tokens = min(self.max_batch_tokens, max(rows, sum(map(len, prompts))))
         return ContinuousBatchingConfig(page_size=self.page_size, num_blocks=rows * pages_per_row,
                                         max_batch_tokens=batch_tokens, seed=seed)
+
+
+def require_cache_config() -> None:
+    """The installed transformers must take the ContinuousBatchingConfig this engine writes (its fields changed
+    between 5.x releases); otherwise a one-line error says what to do."""
+    import inspect
+
+    import transformers
+
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    except ImportError:
+        ContinuousBatchingConfig = None
+    needed = {"page_size", "num_blocks", "max_batch_tokens", "seed"}
+    if ContinuousBatchingConfig is None or not needed <= set(inspect.signature(ContinuousBatchingConfig).parameters):
+        raise SmolthinkError(f"engine 'paged' needs a transformers whose ContinuousBatchingConfig takes "
+                             f"{sorted(needed)} (5.24 does; this is {transformers.__version__}): upgrade "
+                             f"transformers or use engine hf")
 
 
 def ordered_rows(outputs: list, prompts: Sequence[list[int]], per_prompt: int) -> list[list[int]]:
