@@ -119,7 +119,6 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         args.config = str(out / "pipeline.yaml")  # a rerun continues with the run's own config
     sources = [load_yaml(args.config) if args.config else {}, flag_values(args, STAGE_FLAGS)]
     cfg = build_pipeline_config(sources + [parse_overrides(args.set or [])])
-    log.info("pipeline run directory: %s", out)
     run_pipeline(cfg, out)
 
 

@@ -199,9 +199,10 @@ def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
     from .rss import rss_timeline
 
     pipe = PipelineDir(writable_dir(run, "run directory"))
-    atomic_write(pipe.config, config_yaml(cfg))
-    if pipe.done("grpo") is None:
+    if pipe.done("grpo") is None:  # before the run directory holds a config for a run that cannot start
         check_question_supply(cfg)
+    atomic_write(pipe.config, config_yaml(cfg))
+    log.info("pipeline run directory: %s", pipe.root)
     with rss_timeline(pipe.rss) as timeline:
         return _run_stages(cfg, pipe, timeline)
 
