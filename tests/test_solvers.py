@@ -109,7 +109,7 @@ def test_syllogism_traces_are_correct_and_scored(syllogisms):
         assert ans in ("Yes", "No") and ans == e["answer"]
         assert ds.score_answer(ans, e) == 1.0
         if e["metadata"]["type"] == "inversion":
-            assert "gives:" in t and "list" in t
+            assert "gives, with " in t and "list" in t
         else:
             assert t.count("Rule ") == 4 and ("broken" in t) == (ans == "No")
         traces.append(t)
@@ -121,6 +121,35 @@ def test_syllogism_traces_are_correct_and_scored(syllogisms):
     assert solve("syllogism", e, random.Random(5)) == solve("syllogism", e, random.Random(5))
     words = {solve("syllogism", e, random.Random(s)) for s in range(20)}
     assert len(words) > 1 and {extract_answer(t) for t in words} == {e["answer"]}
+
+
+def test_syllogism_decisions_sit_next_to_the_item_that_decides_them(syllogisms):
+    """A small model copies the verdict of the item it has just written: every rule line's verdict follows from its
+    last item alone (rules 1-3), and an inversion's list marks "(the conclusion)" on its last item exactly when the
+    answer is Yes."""
+    import re
+
+    rule_line = re.compile(r"Rule ([123]) \([^)]*\): (.*?), (ok|broken)\.")
+    seen = Counter()
+    for i, (_, e) in enumerate(syllogisms[:800]):
+        t = solve("syllogism", e, random.Random(i))
+        if t is None:
+            continue
+        yes = extract_answer(t) == "Yes"
+        if e["metadata"]["type"] == "inversion":
+            listed = re.search(r"first: (.*?)\. ", t).group(1).split("; ")
+            assert (t.count("(the conclusion)") == 1) == yes, t
+            assert "(the conclusion)" not in "; ".join(listed[:-1]), t  # the list stops at the conclusion
+            seen["inversion", yes] += 1
+            continue
+        for rule, items, verdict in rule_line.findall(t):
+            last = re.split(r"[;,] ", items)[-1]
+            broken = {"1": last.endswith("undistributed"), "2": bool(re.search(r"premise \d undistributed$", last)),
+                      "3": last.endswith("negative")}[rule]
+            assert broken == (verdict == "broken"), (rule, items, verdict)
+            seen[rule, verdict] += 1
+    assert all(seen[r, v] for r in "123" for v in ("ok", "broken")), seen
+    assert seen["inversion", True] and seen["inversion", False], seen
 
 
 def test_syllogism_rules_decide_exactly_what_entailment_decides():

@@ -80,7 +80,9 @@ def syllogism_verdict(entry: dict[str, Any]) -> bool | None:
 # what `entails` decides (checked over every 3-term form in tests/test_solvers.py), and each step is a lookup or a
 # copy that a small model can imitate: what each statement distributes, then four rules, then the verdict.
 # Items whose conclusion re-reads one premise (reasoning-gym's "inversion" type) list that premise's immediate
-# consequences (conversion, subalternation) and look the conclusion up in the list.
+# consequences (conversion, subalternation) about the conclusion's subject, marking the conclusion where it appears.
+# Every verdict sits next to the item that decides it: a 135M model copies the last thing it wrote far more
+# reliably than it compares a statement with a list written earlier.
 _PLAIN = {"all": "all {S} are {P}", "no": "no {S} are {P}", "some": "some {S} are {P}",
           "some_not": "some {S} are not {P}"}
 _NEGATIVE = ("no", "some_not")
@@ -113,6 +115,12 @@ def rule_checks(prem: list[tuple[str, int, int]], concl: tuple[str, int, int]) -
             (concl[0] in _NEGATIVE) == (n_neg == 1)]
 
 
+def _upto(items: list[str], flags: list[bool], decides_on: bool) -> list[str]:
+    """`items` up to and including the first whose flag equals `decides_on` (all of them when none does)."""
+    cut = next((i for i, f in enumerate(flags) if f == decides_on), len(items) - 1)
+    return items[: cut + 1]
+
+
 def solve_syllogism(entry: dict[str, Any], rng: random.Random) -> str | None:
     """Rule-by-rule trace (or, for a conclusion about one premise's terms, that premise's consequences) -> Yes/No."""
     names, prem, concl = _parse_item(entry)
@@ -137,8 +145,16 @@ def solve_syllogism(entry: dict[str, Any], rng: random.Random) -> str | None:
         pq, x, y = prem[k]
         listed = [(cq, x, y) if same else (cq, y, x) for cq, same in _CONSEQUENCES[pq]]
         valid = concl in listed
+        # only the consequences about the conclusion's subject, each marked as it is written, up to the conclusion:
+        # the verdict is then a copy of the mark on the line just written, not a search back through a list
+        shown = []
+        for st in (st for st in listed if st[1] == s):
+            shown.append(say(st) + (" (the conclusion)" if st == concl else ""))
+            if st == concl:
+                break
         steps = about + [f"Both are in premise {k + 1}, so it must follow from premise {k + 1} alone.",
-                         f'Premise {k + 1} "{say(prem[k])}" gives: ' + "; ".join(say(st) for st in listed) + ".",
+                         f'Premise {k + 1} "{say(prem[k])}" gives, with {names[s]} first: '
+                         + ("; ".join(shown) if shown else "nothing") + ".",
                          rng.choice(["The conclusion is in this list, so it follows." if valid else
                                      "The conclusion is not in this list, so it does not follow.",
                                      "That list contains the conclusion, so it follows." if valid else
@@ -158,17 +174,18 @@ def solve_syllogism(entry: dict[str, Any], rng: random.Random) -> str | None:
         for label, st in [("Premise 1", prem[0]), ("Premise 2", prem[1]), ("Conclusion", concl)]:
             steps.append(f'{label} "{say(st)}": {quality(st)}; {names[st[1]]} {status(st, st[1])}, '
                          f"{names[st[2]]} {status(st, st[2])}.")
-        steps.append(f"Rule 1 (middle term {names[m]}): " + ", ".join(
-            f"premise {k + 1} {status(st, m)}" for k, st in enumerate(prem)) + f", {ok[checks[0]]}.")
-        parts = []
-        for t in (s, p):
-            if t in concl_d:
-                parts.append(f"{names[t]} distributed, premise {home[t]} {status(prem[home[t] - 1], t)}")
-            else:
-                parts.append(f"{names[t]} undistributed")
-        steps.append("Rule 2 (conclusion terms): " + "; ".join(parts) + f", {ok[checks[1]]}.")
-        steps.append("Rule 3 (negative premises): " + ", ".join(
-            f"premise {k + 1} {quality(st)}" for k, st in enumerate(prem)) + f", {ok[checks[2]]}.")
+        # each rule lists its items only up to the one that decides it, so the verdict copies the item just written
+        rule1 = _upto([f"premise {k + 1} {status(st, m)}" for k, st in enumerate(prem)],
+                      [m in distributes(st) for st in prem], decides_on=True)
+        steps.append(f"Rule 1 (middle term {names[m]}): " + ", ".join(rule1) + f", {ok[checks[0]]}.")
+        items2 = [f"{names[t]} distributed, premise {home[t]} {status(prem[home[t] - 1], t)}" if t in concl_d
+                  else f"{names[t]} undistributed" for t in (s, p)]
+        fine2 = [t not in concl_d or t in distributes(prem[home[t] - 1]) for t in (s, p)]
+        steps.append("Rule 2 (conclusion terms): " + "; ".join(_upto(items2, fine2, decides_on=False))
+                     + f", {ok[checks[1]]}.")
+        rule3 = _upto([f"premise {k + 1} {quality(st)}" for k, st in enumerate(prem)],
+                      [st[0] not in _NEGATIVE for st in prem], decides_on=True)
+        steps.append("Rule 3 (negative premises): " + ", ".join(rule3) + f", {ok[checks[2]]}.")
         steps.append(f"Rule 4 (quality): conclusion {quality(concl)}, {['no', 'one', 'two'][n_neg]} negative "
                      f"premise{'s' if n_neg == 2 else ''}, {ok[checks[3]]}.")
         broken = [str(r + 1) for r, good in enumerate(checks) if not good]
