@@ -71,6 +71,29 @@ def test_scripted_traces_verify_and_a_wrong_one_is_rejected(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["rejected"] == stats2["rejected"]
 
 
+def test_traces_from_an_easier_setting_of_the_task(tmp_path):
+    """`data.task` sets where the traces' questions come from (here syllogisms without "Some ... are not"), while
+    the eval questions of the run's task stay excluded; without it the traces follow the run's task."""
+    from smolthink.config import build_config, PipelineConfig
+    from smolthink.data import trace_specs
+    from smolthink.evaluate import eval_examples
+
+    easy = [{"name": "syllogism", "config": {"allow_some_not": False}}]
+    cfg = build_config(PipelineConfig, [{"data": {"task": easy, "num_traces": 40}, "eval": {"n": 40}}])
+    assert [s.name for s in trace_specs(cfg.data, cfg.task)] == ["syllogism"]
+    eval_q = [e.question for e in eval_examples(parse_tasks(cfg.task), cfg.eval, cfg.seed)]
+    assert sum(" are not " in q for q in eval_q) >= 5  # the run's task has them
+    out = tmp_path / "traces.jsonl"
+    stats = make_traces(cfg.data, trace_specs(cfg.data, cfg.task), 0, out, exclude_questions=eval_q)
+    rows = rows_of(out)
+    assert stats["kept"] == len(rows) == 40
+    assert not any(" are not " in r["question"] for r in rows) and not {r["question"] for r in rows} & set(eval_q)
+    default = build_config(PipelineConfig, [{}])
+    assert trace_specs(default.data, default.task) == parse_tasks(default.task)
+    with pytest.raises(SmolthinkError, match="unknown task"):
+        build_config(PipelineConfig, [{"data": {"task": "no_such_task"}}])
+
+
 def test_verify_reasons():
     from smolthink.sandbox import Scorer
 

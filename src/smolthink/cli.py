@@ -143,7 +143,7 @@ DATA_FLAGS = {"model": "model", "task": "task", "seed": "seed", "source": "data.
 def cmd_data(args: argparse.Namespace) -> None:
     """Warm-up traces: scripted solvers, a local teacher, or an OpenAI-compatible API teacher."""
     from .config import DataRunConfig
-    from .data import make_traces, require_traces
+    from .data import make_traces, require_traces, trace_specs
     from .evaluate import eval_examples
     from .runtime import set_threads
     from .tasks import parse_tasks
@@ -151,9 +151,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     cfg = load_command_config(DataRunConfig, args, DATA_FLAGS)
     out = writable_file(Path(args.out), "--out")
     set_threads(cfg.threads)
-    specs = parse_tasks(cfg.task)
-    eval_q = [e.question for e in eval_examples(specs, cfg.eval, cfg.seed)]
-    stats = make_traces(cfg.data, specs, cfg.seed, out, exclude_questions=eval_q, reward=cfg.reward,
+    eval_q = [e.question for e in eval_examples(parse_tasks(cfg.task), cfg.eval, cfg.seed)]
+    stats = make_traces(cfg.data, trace_specs(cfg.data, cfg.task), cfg.seed, out, exclude_questions=eval_q, reward=cfg.reward,
                         policy_model=cfg.model)
     require_traces(stats)
     log.info("kept %s of %s traces (rejection rate %.1f%%) -> %s", stats.get("kept"), stats.get("requested"),

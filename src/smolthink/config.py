@@ -55,6 +55,8 @@ class DataConfig:
     """Warm-up traces: where they come from and how many (`smolthink data`, the pipeline, `smolthink sft`)."""
 
     path: str = opt("", "traces JSONL to train SFT on (empty: generate them from `source`)")
+    task: Any = opt(None, "task or mixture the traces' questions come from, same forms as `task` (None: the run's "
+                          "task); e.g. an easier setting of it, where a teacher or solver covers only part of the task")
     source: str = opt("auto", "auto (per task: the scripted solver where one exists, else the local teacher, topped up "
                       "with format-only traces) | scripted | teacher | api",
                       choices=("auto", "scripted", "teacher", "api"))
@@ -313,6 +315,8 @@ def validate(cfg: Any) -> None:
         parse_tasks(cfg.task)
     if isinstance(getattr(cfg, "transfer", None), TransferConfig) and cfg.transfer.tasks:
         parse_tasks(cfg.transfer.tasks)
+    if isinstance(getattr(cfg, "data", None), DataConfig) and cfg.data.task is not None:
+        parse_tasks(cfg.data.task)
     ev = getattr(cfg, "eval", None)
     if isinstance(ev, EvalConfig):
         need(ev.samples == 1 or ev.temperature > 0, "eval.samples > 1 needs eval.temperature > 0 (e.g. 0.7)")

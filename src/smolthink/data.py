@@ -28,7 +28,7 @@ from .errors import SmolthinkError
 from .rewards import score_completions
 from .rundir import write_json, write_jsonl
 from .seeds import derive_seed
-from .tasks import TaskSpec, make_examples
+from .tasks import TaskSpec, make_examples, parse_tasks
 from .teachers import api_candidates, api_settings, leaks_hint, teacher_candidates
 from .types import Example
 
@@ -222,6 +222,11 @@ def _trace_stats(source: str, cfg: DataConfig, specs: Sequence[TaskSpec], seed: 
         "seconds": seconds, "generate_s": tally.generate_s, "traces_per_s": kept / max(seconds, 1e-9),
         **tally.extra,
     }
+
+
+def trace_specs(cfg: DataConfig, task: Any) -> list[TaskSpec]:
+    """The tasks the warm-up traces come from: `cfg.task` where set, else the run's `task`."""
+    return parse_tasks(task if cfg.task is None else cfg.task)
 
 
 def make_traces(cfg: DataConfig, specs: Sequence[TaskSpec], seed: int, out_path: Path, *,

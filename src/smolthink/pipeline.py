@@ -70,10 +70,9 @@ def base_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
 
 def make_data(cfg: PipelineConfig, pipe: PipelineDir) -> None:
     """Warm-up traces from train questions (never eval questions)."""
-    from .data import make_traces, require_traces
-    from .tasks import parse_tasks
+    from .data import make_traces, require_traces, trace_specs
 
-    require_traces(make_traces(cfg.data, parse_tasks(cfg.task), cfg.seed, pipe.traces,
+    require_traces(make_traces(cfg.data, trace_specs(cfg.data, cfg.task), cfg.seed, pipe.traces,
                                exclude_questions=eval_questions(cfg), reward=cfg.reward, policy_model=cfg.model,
                                stats_path=pipe.data_stats))
 
