@@ -16,7 +16,13 @@ from smolthink.cli import main
 
 HERE = Path(__file__).parent
 WORKER = HERE / "parallel_worker.py"
-TOL = 1e-5
+TOL = 1e-5  # losses and gradient norms
+# Weights after the two AdamW steps at lr 1e-2: Adam divides each gradient element by its own running scale, so a
+# weight whose gradient is tiny carries that gradient's fp32 rounding (which differs with the CPU's GEMM kernels,
+# AVX2 against AVX-512) amplified towards lr: up to 1.01e-5 on an AVX2 machine (dapo; grpo 2.5e-6, sft 1.2e-6). The
+# losses and gradient norms above still agree within 1e-5, and they are what a missing gradient sum or a
+# per-process normaliser would move.
+WEIGHT_TOL = 5e-5
 
 
 def launch(n: int | None, *args) -> subprocess.Popen:
@@ -39,7 +45,8 @@ def finish(proc: subprocess.Popen) -> None:
 
 def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path, tiny_dir, traces):
     """Two processes with half of each optimizer step's rows give the loss, gradient norm and updated weights of
-    one process with all of them, for each GRPO loss type (grpo, dapo, dr_grpo) and for SFT, within 1e-5.
+    one process with all of them, for each GRPO loss type (grpo, dapo, dr_grpo) and for SFT, within 1e-5 (weights:
+    WEIGHT_TOL).
 
     Design: the rollouts must be the same in both runs, but each process samples its own questions with its own
     seed (`parallel.process_seed`), so a two-process run's completions differ from a one-process run's. The
@@ -71,7 +78,8 @@ def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path, tiny_dir
         wa, wb = (load_file(str(d / f"{case}.safetensors")) for d in (one, two))
         assert set(wa) == set(wb) and wa
         worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-        assert worst < TOL, (case, worst)
+        print(f"{case}: worst weight difference {worst:.2e}")
+        assert worst < WEIGHT_TOL, (case, worst)
     assert a["grpo"]["loss"] != pytest.approx(a["dapo"]["loss"], abs=TOL)  # the loss types really differ
 
 

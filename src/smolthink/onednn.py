@@ -80,11 +80,16 @@ def onednn_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
+def bf16_runs() -> bool:
+    """True when oneDNN can run bf16 GEMMs here at all: natively, or emulated by conversions on AVX-512 CPUs
+    without avx512_bf16. AVX2-only CPUs cannot (oneDNN has no bf16 primitive for them)."""
+    return onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def bf16_available() -> bool:
     """True when oneDNN runs bf16 GEMMs on native bf16 dot products here (avx512_bf16: other CPUs emulate them
     by conversions, which would spend the speed bf16 is for)."""
-    native = torch.cpu._is_avx512_bf16_supported()
-    return native and onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() and bf16_runs()
 
 
 def _gemm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -55,13 +55,14 @@ def gemm_limit(reps: int = 7, rows: tuple[int, ...] = (48, 2048), k: int = 576, 
     prefill / training), median / min / max over `reps` samples of ~`work` FLOPs:
     `mkl` (torch.matmul, fp32: what transformers uses); through oneDNN (`torch.ops.mkldnn._linear_pointwise`)
     `onednn` (fp32, packed weight: FastEngine), `onednn_plain` (fp32, plain weight: training's merged W'),
-    `bf16_plain` and `bf16_packed` (bf16 x and W, bf16 out, fp32 accumulation inside oneDNN). The fp32 limits are
+    `bf16_plain` and `bf16_packed` (bf16 x and W, bf16 out, fp32 accumulation inside oneDNN; only where oneDNN
+    runs bf16 at all, not on AVX2-only CPUs). The fp32 limits are
     the best fp32 medians per row count (`limit_gflops_48`, `limit_gflops_2048`), the bf16 ones the best bf16
     (`limit_bf16_gflops_*`). With `streamed` > 0 also oneDNN fp32 packed at the first row count with `streamed`
     different weights (64: ~226 MB, more than the caches), so they stream from RAM as in a real forward."""
     import torch
 
-    from ..onednn import onednn_available, onednn_linear, pack_weight
+    from ..onednn import bf16_runs, onednn_available, onednn_linear, pack_weight
 
     out: dict[str, Any] = {}
     g = torch.Generator().manual_seed(0)
@@ -72,9 +73,11 @@ def gemm_limit(reps: int = 7, rows: tuple[int, ...] = (48, 2048), k: int = 576, 
         xb = x.bfloat16()
         backends = {"mkl": lambda: torch.matmul(x, Wt)}
         if onednn_available():
-            Wp, Wbp = pack_weight(W, M), pack_weight(Wb, M)
-            backends.update({"onednn": lambda: onednn_linear(x, Wp), "onednn_plain": lambda: onednn_linear(x, W),
-                             "bf16_plain": lambda: onednn_linear(xb, Wb),
+            Wp = pack_weight(W, M)
+            backends.update({"onednn": lambda: onednn_linear(x, Wp), "onednn_plain": lambda: onednn_linear(x, W)})
+        if bf16_runs():
+            Wbp = pack_weight(Wb, M)
+            backends.update({"bf16_plain": lambda: onednn_linear(xb, Wb),
                              "bf16_packed": lambda: onednn_linear(xb, Wbp)})
         for name, fn in backends.items():
             out[f"{name}_m{M}"] = _gflops(fn, 2 * M * k * n, reps, work)
