@@ -16,7 +16,7 @@ SETS = ["eval.n=8", "eval.max_new_tokens=8", "data.num_traces=8", "data.teacher_
         "transfer.n=2", "sft.max_steps=2", "sft.minibatch_size=4", "sft.warmup_steps=0", "grpo.max_steps=2",
         "grpo.max_completion_length=8", "grpo.prompts_per_rollout=4", "grpo.num_generations=2",
         "grpo.buffer_size=8", "grpo.minibatch_size=8", "grpo.gradient_accumulation_steps=1", "grpo.train_size=32",
-        "grpo.engine=hf", "sft_control=false", "passk.enabled=false"]
+        "grpo.engine=hf", "rl=true", "sft_control=false", "passk.enabled=false"]
 
 
 def pipeline_args(run, model, task=MIX, sets=SETS):

@@ -13,7 +13,7 @@ SETS = ["eval_n=4", "eval_max_new_tokens=8", "num_traces=8", "threads=2",
         "sft.max_steps=2", "sft.minibatch_size=4", "sft.warmup_steps=0",
         "grpo.max_steps=2", "grpo.max_completion_length=8", "grpo.prompts_per_rollout=2", "grpo.num_generations=2",
         "grpo.buffer_size=4", "grpo.minibatch_size=4", "grpo.gradient_accumulation_steps=1", "grpo.train_size=32",
-        "grpo.engine=hf", "sft_control=true", "control.max_steps=3", "passk.n=2", "passk.k=2",
+        "grpo.engine=hf", "rl=true", "sft_control=true", "control.max_steps=3", "passk.n=2", "passk.k=2",
         "transfer.n=2"]
 
 
@@ -60,6 +60,34 @@ def test_pipeline_smoke_and_stage_skipping(tmp_path, tiny_dir):
     assert main(["pipeline", "--out", str(run)]) == 0
     after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "pipeline.yaml"}
     assert after == before
+
+
+def test_default_pipeline_without_rl_makes_the_sft_model_final(tmp_path, tiny_dir, capsys):
+    """`rl: false` (the default): no grpo/ or sft_control/, the final eval is SFT's last eval, transfer and pass@k
+    use the SFT model, and the report says there was no GRPO stage; sft_control without rl is a one-line error."""
+    run = tmp_path / "run"
+    args = ["pipeline", "--model", str(tiny_dir), "--out", str(run)]
+    for s in SETS:
+        if not s.startswith(("grpo.", "rl=", "sft_control=", "control.")):
+            args += ["--set", s]
+    assert main(args) == 0
+    assert not (run / "grpo").exists() and not (run / "sft_control").exists()
+    sft_evals = sorted((run / "sft" / "eval").glob("step_*.json"))
+    final = json.loads((run / "final_eval" / "eval.json").read_text())
+    last = json.loads(sft_evals[-1].read_text())
+    assert final.pop("stage") == "final" and last.pop("stage", None) != "final"
+    assert final == last
+    transfer = json.loads((run / "transfer" / "final.json").read_text())
+    assert transfer["model"] == str(run / "sft" / "final" / "merged")
+    assert sorted(p.name for p in (run / "passk").glob("*.json")) == ["sft.json"]
+    timings = json.loads((run / "timings.json").read_text())
+    assert "grpo" not in timings and "sft_control" not in timings
+    report = (run / "report.md").read_text()
+    assert "No GRPO stage in this run" in report and "| grpo | off |" in report and "final (grpo)" not in report
+    capsys.readouterr()
+    assert main(args + ["--set", "sft_control=true"]) == 2
+    assert capsys.readouterr().err.strip() == ("smolthink: error: sft_control: true needs rl: true (the control trains "
+                                               "for the GRPO stage's wall time)")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

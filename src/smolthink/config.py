@@ -246,8 +246,8 @@ class SFTConfig(StageConfig):
 
 @dataclass
 class PipelineConfig(RunArgs):
-    """One YAML, one run directory: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> SFT-only control
-    -> pass@k -> report. Top-level keys apply to every stage; `sft:`, `grpo:` and `control:` hold stage-specific
+    """One YAML, one run directory: base eval -> warm-up traces -> SFT -> GRPO (with `rl`) -> final eval -> SFT-only
+    control -> pass@k -> report. Top-level keys apply to every stage; `sft:`, `grpo:` and `control:` hold stage-specific
     overrides."""
 
     eval: EvalConfig = section(EvalConfig, "held-out eval of every stage")
@@ -255,9 +255,11 @@ class PipelineConfig(RunArgs):
     data: DataConfig = section(DataConfig, "warm-up traces")
     transfer: TransferConfig = section(TransferConfig, "base vs final model on tasks outside the mixture")
     sft: dict = opt({}, "SFTConfig overrides for the SFT stage")
+    rl: bool = opt(False, "run the GRPO stage after SFT (off: the SFT model is the final model; on every task measured "
+                          "so far, SFT for the GRPO stage's minutes taught as much or more: README Results)")
     grpo: dict = opt({}, "GRPOConfig overrides for the GRPO stage")
-    sft_control: bool = opt(False, "run the SFT-only control: SFT continued for the GRPO stage's wall time (off by "
-                                   "default: it doubles the RL stage's time; on for any claim that the RL pays)")
+    sft_control: bool = opt(False, "run the SFT-only control: SFT continued for the GRPO stage's wall time (needs rl; "
+                                   "off by default: it doubles the RL stage's time; on for any claim that the RL pays)")
     control: dict = opt({}, "SFTConfig overrides for the sft_control stage (after the `sft:` section's)")
     passk: PassKConfig = section(PassKConfig, "pass@k / mean@k of the SFT, GRPO and control models")
 
@@ -325,6 +327,9 @@ def validate(cfg: Any) -> None:
 
         problem = precision_problem(cfg.precision, cfg.onednn_linears, cfg.use_lora, training_device())
         need(problem is None, problem or "")
+    if isinstance(cfg, PipelineConfig):
+        need(cfg.rl or not cfg.sft_control, "sft_control: true needs rl: true (the control trains for the GRPO "
+             "stage's wall time)")
     if isinstance(cfg, (EvalRunConfig, PipelineConfig)):  # their result is an eval: 0 questions give nothing
         need(cfg.eval.n >= 1, f"bad value for eval.n: {cfg.eval.n} (expected value >= 1: 0 questions evaluate nothing)")
     if isinstance(cfg, GRPOConfig):
@@ -349,6 +354,11 @@ def build_pipeline_config(sources: Sequence[Mapping[str, Any] | None]) -> Pipeli
         except SmolthinkError as e:  # the pipeline-wide keys passed above, so the stage's section is at fault
             raise SmolthinkError(f"in the pipeline's {name}: section: {e}") from None
     return cfg
+
+
+def final_stage(cfg: PipelineConfig) -> str:
+    """The training stage whose model is the pipeline's final model: grpo, or sft when the config has no RL."""
+    return "grpo" if cfg.rl else "sft"
 
 
 def _shared(cfg: PipelineConfig, cls: type) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """`smolthink pipeline`: base eval -> warm-up traces -> SFT -> GRPO -> final eval -> transfer -> SFT-only
 control -> pass@k -> report, in one run directory (`rundir.PipelineDir`). Each stage writes <stage>/DONE last; a
-rerun skips finished stages and resumes an interrupted one; a stage turned off (`sft_control: false`, the default,
-`passk.enabled: false`, `transfer.tasks: []`) is skipped without a DONE. A training stage that Ctrl-C / SIGTERM
+rerun skips finished stages and resumes an interrupted one; a stage turned off (`rl: false` and `sft_control: false`,
+the defaults, `passk.enabled: false`, `transfer.tasks: []`) is skipped without a DONE. Without GRPO the SFT model is
+the final model. A training stage that Ctrl-C / SIGTERM
 stopped ends the pipeline as `errors.Stopped`.
 
 The control answers "is the RL worth its time?": SFT-only, continued from the SFT stage's final model (merged, with
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import GRPOConfig, PipelineConfig, SFTConfig, control_config, stage_config
+from .config import GRPOConfig, PipelineConfig, SFTConfig, control_config, final_stage, stage_config
 from .configlib import config_yaml
 from .errors import SmolthinkError, Stopped
 from .log import console, eval_table, fmt_duration
@@ -97,17 +98,19 @@ def run_grpo(cfg: PipelineConfig, pipe: PipelineDir) -> None:
 
 
 def final_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
-    """The GRPO stage's last eval (same held-out set) is the final eval: copied, not recomputed."""
-    grpo = pipe.run("grpo")
-    steps = grpo.eval_steps()
+    """The final training stage's last eval (same held-out set: GRPO's, or SFT's without RL) is the final eval:
+    copied, not recomputed."""
+    name = final_stage(cfg)
+    run = pipe.run(name)
+    steps = run.eval_steps()
     if not steps:
-        raise FileNotFoundError("grpo stage wrote no eval")
-    summary = json.loads(grpo.eval(steps[-1]).read_text())
+        raise FileNotFoundError(f"{name} stage wrote no eval")
+    summary = json.loads(run.eval(steps[-1]).read_text())
     summary["stage"] = "final"
     write_json(pipe.eval_json("final_eval"), summary)
-    if grpo.eval_completions(steps[-1]).exists():
-        shutil.copyfile(grpo.eval_completions(steps[-1]), pipe.completions("final_eval"))
-    console.print(eval_table(summary, "final model (after GRPO)"))
+    if run.eval_completions(steps[-1]).exists():
+        shutil.copyfile(run.eval_completions(steps[-1]), pipe.completions("final_eval"))
+    console.print(eval_table(summary, f"final model (after {name.upper()})"))
 
 
 def run_sft_control(cfg: PipelineConfig, pipe: PipelineDir) -> None:
@@ -127,8 +130,8 @@ def run_sft_control(cfg: PipelineConfig, pipe: PipelineDir) -> None:
 
 def passk_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
     """pass@k and mean@k: passk.k samples per question at passk.temperature on the first passk.n held-out
-    questions, for the final models of sft, grpo and (when it ran) sft_control; the same questions and sampling
-    seeds for each."""
+    questions, for the final models of sft, grpo (with rl) and sft_control (when it ran); the same questions and
+    sampling seeds for each."""
     import dataclasses
 
     from .evaluate import make_evaluator
@@ -138,7 +141,7 @@ def passk_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
 
     pk = cfg.passk
     ev_cfg = dataclasses.replace(cfg.eval, samples=pk.k, temperature=pk.temperature, top_p=pk.top_p)
-    stages = ["sft", "grpo"] + (["sft_control"] if cfg.sft_control else [])
+    stages = ["sft"] + (["grpo"] if cfg.rl else []) + (["sft_control"] if cfg.sft_control else [])
     with Scorer(timeout=cfg.reward.scorer_timeout) as scorer:
         for name in stages:
             model, tok = load_model(str(pipe.run(name).final_merged))
@@ -154,7 +157,7 @@ def passk_eval(cfg: PipelineConfig, pipe: PipelineDir) -> None:
 
 def stage_enabled(cfg: PipelineConfig, stage: str) -> bool:
     """False for a stage the config turns off."""
-    return {"sft_control": cfg.sft_control, "passk": cfg.passk.enabled and cfg.eval.n > 0,
+    return {"grpo": cfg.rl, "sft_control": cfg.sft_control, "passk": cfg.passk.enabled and cfg.eval.n > 0,
             "transfer": bool(cfg.transfer.tasks)}.get(stage, True)
 
 
@@ -198,7 +201,7 @@ def run_pipeline(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
     from .rss import rss_timeline
 
     pipe = PipelineDir(writable_dir(run, "run directory"))
-    if pipe.done("grpo") is None:  # before the run directory holds a config for a run that cannot start
+    if cfg.rl and pipe.done("grpo") is None:  # before the run directory holds a config for a run that cannot start
         check_question_supply(cfg)
     atomic_write(pipe.config, config_yaml(cfg))
     log.info("pipeline run directory: %s", pipe.root)

@@ -9,7 +9,7 @@ import gc
 import logging
 from typing import Any
 
-from .config import PipelineConfig
+from .config import PipelineConfig, final_stage
 from .rundir import PipelineDir
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def transfer_tasks(cfg: PipelineConfig) -> list[str]:
 
 
 def run_transfer(cfg: PipelineConfig, pipe: PipelineDir) -> None:
-    """Evaluate the base model, then the final (GRPO) model, on the transfer tasks as one equal-weight mixture of
+    """Evaluate the base model, then the final model (GRPO's, or SFT's without RL), on the transfer tasks as one equal-weight mixture of
     transfer.n questions per task; writes transfer/<model>.json (+ completions)."""
     from .evaluate import make_evaluator
     from .log import console, eval_table, progress_bar
@@ -42,7 +42,7 @@ def run_transfer(cfg: PipelineConfig, pipe: PipelineDir) -> None:
         return
     specs = parse_tasks(tasks)
     eval_cfg = dataclasses.replace(cfg.eval, n=cfg.transfer.n * len(specs))
-    models = {"base": cfg.model, "final": str(pipe.run("grpo").final_merged)}
+    models = {"base": cfg.model, "final": str(pipe.run(final_stage(cfg)).final_merged)}
     with Scorer(timeout=cfg.reward.scorer_timeout) as scorer:
         for label, path in models.items():
             model, tok = load_model(path)

@@ -9,7 +9,7 @@ from typing import Any
 from ..rundir import PipelineDir, RunDir
 from .answers import AnswerDist, answer_distribution
 from .load import (RESULT_STAGES, EvalPoint, Stage, load_stage, load_stage_eval, load_transfer, read_json, read_yaml,
-                   stage_status, stage_timing)
+                   rl_on, stage_status, stage_timing)
 
 
 CONTROL_LABEL = "sft_control (equal-time SFT)"
@@ -79,7 +79,8 @@ def gather(run: Path) -> ReportContext:
 
 
 def _gather_pipeline(pipe: PipelineDir) -> ReportContext:
-    """base_eval -> sft -> final (or GRPO's last eval when final_eval is missing); any stage may be missing."""
+    """base_eval -> sft -> final (or GRPO's last eval when final_eval is missing; without RL the SFT model is the
+    final model, so no third row); any stage may be missing."""
     config = read_yaml(pipe.config)
     status = {name: stage_status(pipe, name, config) for name in RESULT_STAGES}
     stages = [load_stage(name, pipe.run(name)) for name in ("sft", "grpo", "sft_control") if pipe.stage(name).is_dir()]
@@ -88,12 +89,13 @@ def _gather_pipeline(pipe: PipelineDir) -> ReportContext:
     sft, grpo, final = by_name.get("sft"), by_name.get("grpo"), stage_evals["final_eval"]
     rows = [EvalRow("base", stage_evals["base_eval"], "base_eval/eval.json not found"),
             EvalRow("sft", sft.evals[-1] if sft and sft.evals else None, "sft/eval/step_*.json not found")]
-    if final is not None:
-        rows.append(EvalRow("final (grpo)", final))
-    elif grpo and grpo.evals:
-        rows.append(EvalRow("grpo (last eval)", grpo.evals[-1], "final_eval/ missing: GRPO's last eval shown"))
-    else:
-        rows.append(EvalRow("final (grpo)", None, "final_eval/eval.json not found"))
+    if rl_on(config):
+        if final is not None:
+            rows.append(EvalRow("final (grpo)", final))
+        elif grpo and grpo.evals:
+            rows.append(EvalRow("grpo (last eval)", grpo.evals[-1], "final_eval/ missing: GRPO's last eval shown"))
+        else:
+            rows.append(EvalRow("final (grpo)", None, "final_eval/eval.json not found"))
     timings = pipe.read_timings()
     wall_times = {name: stage_timing(pipe.stage(name), by_name.get(name), timings.get(name))
                   for name in RESULT_STAGES}

@@ -175,9 +175,14 @@ def load_stage(name: str, run: RunDir) -> Stage:
                  read_jsonl(samples_file) if samples_file else [], read_yaml(run.config), run.done() is not None)
 
 
+def rl_on(config: dict[str, Any]) -> bool:
+    """Whether a pipeline.yaml runs the GRPO stage; a config from before `rl` existed always did."""
+    return config.get("rl") is not False
+
+
 # Pipeline stages a config may turn off, and how pipeline.yaml says they are on (as pipeline.stage_enabled decides;
 # a config from before a stage existed does not name it: off).
-OPTIONAL_STAGES = {"sft_control": lambda c: c.get("sft_control") is True,
+OPTIONAL_STAGES = {"grpo": rl_on, "sft_control": lambda c: c.get("sft_control") is True,
                    "passk": lambda c: isinstance(c.get("passk"), dict) and c["passk"].get("enabled") is True
                    and (c.get("eval") or {}).get("n", 1) != 0,
                    "transfer": lambda c: isinstance(c.get("transfer"), dict) and bool(c["transfer"].get("tasks"))}

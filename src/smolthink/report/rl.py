@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from ..log import fmt_duration
 from .context import ReportContext
 from .fmt import acc_cell, f3, pct, pts
-from .load import Stage, accuracy_ci, is_num, series
+from .load import Stage, accuracy_ci, is_num, rl_on, series
 
 
 # ----------------------------------------------------------------------------------------------- RL vs control
@@ -73,7 +73,10 @@ def control_section(ctx: ReportContext) -> list[str]:
     if ctx.control is None and not ctx.passk:
         return []
     out = ["## RL vs equal-time SFT", ""]
-    if final is not None and ctx.control is not None:
+    if ctx.pipeline and not rl_on(ctx.config):
+        out += ["*No GRPO stage in this run (`rl: false`, the default): the SFT model is the final model. "
+                "`--set rl=true --set sft_control=true` adds GRPO and its equal-time SFT control.*", ""]
+    elif final is not None and ctx.control is not None:
         st = ctx.stage("sft_control")
         budget = st.config.get("max_seconds") if st is not None else None
         out += ["| run | accuracy [95% CI] |", "|---|---|", f"| sft + grpo | {acc_cell(final.point.summary)} |",
