@@ -60,7 +60,7 @@ class DataConfig:
     source: str = opt("auto", "auto (per task: the scripted solver where one exists, else the local teacher, topped up "
                       "with format-only traces) | scripted | teacher | api",
                       choices=("auto", "scripted", "teacher", "api"))
-    num_traces: int = opt(1280, "verified traces to keep", ge=1)
+    num_traces: int = opt(1760, "verified traces to keep (the default pipeline: 220 SFT steps of 8)", ge=1)
     balanced: bool = opt(True, "equal answer classes per task where a task has a small answer set")
     teacher_model: str | None = opt(None, "local teacher for source=teacher or auto (default: the policy's model)")
     samples_per_question: int = opt(4, "teacher samples per question (the first that verifies is kept)", ge=1)
