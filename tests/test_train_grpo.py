@@ -102,6 +102,26 @@ def test_off_policy_old_logprobs_match_training_numerics(tmp_path, tiny_dir):
     assert abs(row["ratio/mean"] - 1.0) < 1e-5 and row["clip/frac"] == 0.0
 
 
+def test_a_buffer_overfilled_by_dynamic_sampling_trains_its_extra_step_off_policy(tmp_path, tiny_dir):
+    """One optimizer step per fill as configured (8 completions = 2 minibatches x 2 accumulation), but dynamic
+    sampling keeps whole groups until the buffer holds at least 8, so a fill can hold 12 and give a second step.
+    That step runs after an update: its old log-probs must be the sampling policy's (ratio away from 1), not the
+    current ones (ratio exactly 1)."""
+    out = tmp_path / "run"
+    run(out, tiny_dir, "max_steps=6", "eval_n=0", "learning_rate=1e-2", "drop_zero_std_groups=true",
+        "max_resample_attempts=3", "correct_weight=0", "format_weight=0", "reward_functions=[toy_rewards:spaces_on_yes]",
+        "precision=fp32")
+    rows = metrics(out)
+    fills = [r["rollout/fill"] for r in rows]
+    second = [r for prev, r in zip(rows, rows[1:]) if r["rollout/fill"] == prev["rollout/fill"]]
+    assert second, fills  # some fill was overfilled (seeded: the same fills every run)
+    for r in second:
+        assert r["ratio/mean"] != 1.0, r
+    for prev, r in zip([None] + rows, rows):
+        if prev is None or r["rollout/fill"] != prev["rollout/fill"]:
+            assert abs(r["ratio/mean"] - 1.0) < 1e-5  # a fill's first step: the policy has not moved yet
+
+
 def test_every_trainable_tensor_changes(tmp_path, tiny_dir):
     from safetensors.torch import load_file
 

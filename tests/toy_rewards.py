@@ -7,6 +7,11 @@ def spaces(completion: str, example) -> float:
     return 5.0 * completion.count(" ") / max(1, len(completion))
 
 
+def spaces_on_yes(completion: str, example) -> float:
+    """`spaces` on questions whose answer is Yes, 0 elsewhere: half of the groups carry signal, half none."""
+    return spaces(completion, example) if example.answer == "Yes" else 0.0
+
+
 def raises(completion: str, example) -> float:
     """A user reward function that always fails: must score 0 and never kill the run."""
     raise RuntimeError("boom")

@@ -101,10 +101,12 @@ def plan_steps(buffer: ExperienceBuffer, cfg: GRPOConfig, fill: int) -> list[lis
     return plan
 
 
-def fill_buffer(ctx: GRPOContext, state: LoopState, buffer: ExperienceBuffer, on_policy: bool) -> float:
+def fill_buffer(ctx: GRPOContext, state: LoopState, buffer: ExperienceBuffer) -> float:
     """Collect a buffer fill (on a copy of the counters, and the question source's state is taken only once the
     fill is complete, so an interrupt mid-collection leaves the state of the last finished step), plan its
-    optimizer steps, and compute old log-probs when more than one update follows -> rollout seconds."""
+    optimizer steps, and compute old log-probs when more than one update follows -> rollout seconds. That is
+    decided from the plan, not the config: dynamic sampling's last batch can overfill the buffer by whole groups,
+    and the extra step it makes runs off-policy."""
     fill_state = dataclasses.replace(state)
     fill = collect_experience(ctx, fill_state, derived_numbers(ctx.cfg)["rollouts_per_fill"])
     between_phases()  # the rollout's KV caches are gone: hand their pages back before training
@@ -115,7 +117,7 @@ def fill_buffer(ctx: GRPOContext, state: LoopState, buffer: ExperienceBuffer, on
     state.groups = [g.row(state.step + 1, state.fills) for g in fill.groups]
     state.plan = plan_steps(buffer, ctx.cfg, state.fills)
     state.fills += 1
-    if not on_policy:
+    if len(state.plan) > 1:
         t0 = time.time()
         old_logprobs(ctx, buffer)
         state.fill_stats["perf/old_logp_s"] = time.time() - t0
@@ -281,7 +283,9 @@ def describe(cfg: GRPOConfig, d: dict[str, Any]) -> None:
              "%d steps = %d fills", cfg.prompts_per_rollout, cfg.num_generations, d["completions_per_rollout"],
              d["rollouts_per_fill"], d["completions_per_fill"], d["sequences_per_step"], cfg.minibatch_size,
              cfg.gradient_accumulation_steps, d["steps_per_fill"],
-             " (on-policy: old log-prob pass skipped)" if d["on_policy"] else "", cfg.max_steps, d["fills"])
+             (" (on-policy: old log-prob pass skipped" + (", except for a fill that dynamic sampling overfills"
+                                                          if cfg.drop_zero_std_groups else "") + ")")
+             if d["on_policy"] else "", cfg.max_steps, d["fills"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,7 +308,7 @@ def train(cfg: GRPOConfig, out_dir: Path, resume: bool = False) -> dict[str, Any
         while state.step < cfg.max_steps and not tr.stopping:
             # ---- 3. experience: a new buffer fill when the planned steps are used up ----
             with rss_phase("rollout"):
-                rollout_s = fill_buffer(ctx, state, buffer, d["on_policy"]) if not state.plan else 0.0
+                rollout_s = fill_buffer(ctx, state, buffer) if not state.plan else 0.0
             # ---- 4. one optimizer step ----
             with rss_phase("train"):
                 m = optimizer_step(ctx, buffer, state.plan[0])
