@@ -152,8 +152,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     out = writable_file(Path(args.out), "--out")
     set_threads(cfg.threads)
     eval_q = [e.question for e in eval_examples(parse_tasks(cfg.task), cfg.eval, cfg.seed)]
-    stats = make_traces(cfg.data, trace_specs(cfg.data, cfg.task), cfg.seed, out, exclude_questions=eval_q, reward=cfg.reward,
-                        policy_model=cfg.model)
+    stats = make_traces(cfg.data, trace_specs(cfg.data, cfg.task), cfg.seed, out, exclude_questions=eval_q,
+                        reward=cfg.reward, policy_model=cfg.model)
     require_traces(stats)
     log.info("kept %s of %s traces (rejection rate %.1f%%) -> %s", stats.get("kept"), stats.get("requested"),
              100 * stats.get("rejection_rate", 0.0), args.out)

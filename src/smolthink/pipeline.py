@@ -2,8 +2,7 @@
 control -> pass@k -> report, in one run directory (`rundir.PipelineDir`). Each stage writes <stage>/DONE last; a
 rerun skips finished stages and resumes an interrupted one; a stage turned off (`rl: false` and `sft_control: false`,
 the defaults, `passk.enabled: false`, `transfer.tasks: []`) is skipped without a DONE. Without GRPO the SFT model is
-the final model. A training stage that Ctrl-C / SIGTERM
-stopped ends the pipeline as `errors.Stopped`.
+the final model. A training stage that Ctrl-C / SIGTERM stopped ends the pipeline as `errors.Stopped`.
 
 The control answers "is the RL worth its time?": SFT-only, continued from the SFT stage's final model (merged, with
 a fresh LoRA adapter: the same start and parameterisation GRPO gets) over the same traces (more epochs, not more
