@@ -109,8 +109,8 @@ def test_a_buffer_overfilled_by_dynamic_sampling_trains_its_extra_step_off_polic
     current ones (ratio exactly 1)."""
     out = tmp_path / "run"
     run(out, tiny_dir, "max_steps=6", "eval_n=0", "learning_rate=1e-2", "drop_zero_std_groups=true",
-        "max_resample_attempts=3", "correct_weight=0", "format_weight=0", "reward_functions=[toy_rewards:spaces_on_yes]",
-        "precision=fp32")
+        "max_resample_attempts=3", "correct_weight=0", "format_weight=0",
+        "reward_functions=[toy_rewards:spaces_on_yes]", "precision=fp32")
     rows = metrics(out)
     fills = [r["rollout/fill"] for r in rows]
     second = [r for prev, r in zip(rows, rows[1:]) if r["rollout/fill"] == prev["rollout/fill"]]

@@ -195,8 +195,8 @@ def resolve_traces(cfg: SFTConfig, run: RunDir, resume: bool, eval_questions: Se
     from .data import make_traces, require_traces, trace_specs
 
     log.info("no traces given: writing %d %s traces to %s", cfg.data.num_traces, cfg.data.source, path)
-    require_traces(make_traces(cfg.data, trace_specs(cfg.data, cfg.task), cfg.seed, path, exclude_questions=eval_questions,
-                               reward=cfg.reward, policy_model=cfg.model))
+    require_traces(make_traces(cfg.data, trace_specs(cfg.data, cfg.task), cfg.seed, path,
+                               exclude_questions=eval_questions, reward=cfg.reward, policy_model=cfg.model))
     return path
 
 

@@ -27,8 +27,8 @@ def transfer_tasks(cfg: PipelineConfig) -> list[str]:
 
 
 def run_transfer(cfg: PipelineConfig, pipe: PipelineDir) -> None:
-    """Evaluate the base model, then the final model (GRPO's, or SFT's without RL), on the transfer tasks as one equal-weight mixture of
-    transfer.n questions per task; writes transfer/<model>.json (+ completions)."""
+    """Evaluate the base model, then the final model (GRPO's, or SFT's without RL), on the transfer tasks as one
+    equal-weight mixture of transfer.n questions per task; writes transfer/<model>.json (+ completions)."""
     from .evaluate import make_evaluator
     from .log import console, eval_table, progress_bar
     from .models import load_model
